@@ -1,0 +1,1 @@
+"""interp: mechanistic interpretability of CODI's continuous latent thoughts on TransformerLens."""
