@@ -1,0 +1,90 @@
+"""Build CODI-format checkpoints on small models for the tests (random LoRA B and prj)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tests.reference import ReferenceCodi
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"]
+
+
+def tiny_llama32_config(vocab_size: int) -> LlamaConfig:
+    """Every Llama-3.2 feature at toy size: GQA, head_dim != d_model / n_heads, tied embeddings,
+    llama3 rope scaling with an original context (8) shorter than the test sequences."""
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 4.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8,
+        },
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+
+
+def make_prj(d: int, hidden: int, layer_norm: bool, seed: int) -> nn.Sequential:
+    g = torch.Generator().manual_seed(seed)
+    prj = nn.Sequential(nn.Dropout(0.1), nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
+    if layer_norm:
+        prj.add_module("ln", nn.LayerNorm(d))
+    with torch.no_grad():
+        for p in prj.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (1.0 / p.shape[-1] ** 0.5 if p.ndim > 1 else 0.1))
+        if layer_norm:
+            prj.ln.weight.add_(1.0)
+    return prj.eval()
+
+
+def make_reference_codi(
+    base: LlamaForCausalLM, *, rank: int = 8, alpha: float = 32.0, prj_hidden: int | None = None, layer_norm: bool = True, seed: int = 0
+) -> ReferenceCodi:
+    """Grow the vocabulary by 3, wrap in peft LoRA with random non-zero B, add a random prj."""
+    torch.manual_seed(seed)
+    base = copy.deepcopy(base)  # the caller's base keeps its own vocabulary
+    v = base.config.vocab_size
+    base.resize_token_embeddings(v + 3, mean_resizing=False)
+    with torch.no_grad():  # the new rows are random, as CODI's trained bot/eot rows are
+        base.get_input_embeddings().weight[v:] = torch.randn(3, base.config.hidden_size) * 0.5
+    lora = get_peft_model(base, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=LORA_TARGETS))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name or "lora_A" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    d = base.config.hidden_size
+    return ReferenceCodi(lora.eval(), make_prj(d, prj_hidden or d, layer_norm, seed + 2))
+
+
+def save_checkpoint(ref: ReferenceCodi, path: Path, *, safetensors: bool, drop_lm_head: bool = False) -> Path:
+    state = {k: v.detach().clone().contiguous() for k, v in ref.state_dict().items()}
+    if drop_lm_head:
+        state = {k: v for k, v in state.items() if not k.endswith("lm_head.weight")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if safetensors:
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    return path
