@@ -72,7 +72,10 @@ class Trace:
     latents); tokens [seq] holds the token ids with -1 at latent positions. `cache` covers the
     whole sequence (batch dimension 1). `answer_logits` [d_vocab] are the raw logits at
     `answer_position`, the last prefix token, whose next token is the answer's first token.
-    `answer` is the freely decoded answer (greedy from eot, the official rule).
+    `next_logits` [d_vocab] are the logits at the last position (they predict the first token
+    after everything teacher-forced: the answer's first differing token when the trace carries
+    the common prefix of two answers). `answer` is the freely decoded answer (greedy from eot,
+    the official rule).
     """
 
     question: str
@@ -85,6 +88,7 @@ class Trace:
     latent_positions: list[int]
     position_names: list[str]
     generation: Generation
+    next_logits: Tensor
     answer_ids: Tensor | None = None
 
     @property
@@ -328,10 +332,13 @@ class CodiModel:
         return names
 
     @torch.no_grad()
-    def trace(self, question: str, answer: float | str | None = None, max_new_tokens: int = 32) -> Trace:
-        """Free latent loop, then eot and the teacher-forced prefix, cached over the whole sequence."""
+    def trace(self, question: str, answer: float | str | Tensor | None = None, max_new_tokens: int = 32) -> Trace:
+        """Free latent loop, then eot and the teacher-forced prefix, cached over the whole sequence.
+
+        `answer` (a number, its text, or answer token ids [n]) is teacher-forced after the prefix.
+        """
         gen = self.generate(question, max_new_tokens=max_new_tokens)
-        answer_ids = None if answer is None else self.answer_token_ids(answer)
+        answer_ids = answer if answer is None or isinstance(answer, Tensor) else self.answer_token_ids(answer)
         return self.trace_from(question, gen, gen.latents, answer_ids)
 
     def trace_from(
@@ -353,6 +360,7 @@ class CodiModel:
             latent_positions=list(range(q + 1, q + 1 + self.num_latents)),
             position_names=self.position_names(q, len(tokens)),
             generation=generation,
+            next_logits=out.logits[0, -1],
             answer_ids=answer_ids,
         )
 

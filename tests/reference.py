@@ -79,3 +79,73 @@ class ReferenceCodi(nn.Module):
 def last_number(text: str) -> float | None:
     found = re.findall(r"-?\d+(?:\.\d+)?", text.replace(",", ""))
     return float(found[-1]) if found else None
+
+
+def _replace_output(module: nn.Module, positions: list[int], values: torch.Tensor):
+    """Forward hook on an HF module: overwrite its output at `positions` with values [len, d]."""
+
+    def hook(mod, args, out):
+        hidden = out[0] if isinstance(out, tuple) else out
+        present = [i for i, p in enumerate(positions) if p < hidden.shape[1]]
+        if present:
+            hidden[0, [positions[i] for i in present]] = values[present].to(hidden)
+        return out
+
+    return module.register_forward_hook(hook)
+
+
+@torch.no_grad()
+def reference_patch(
+    ref: ReferenceCodi,
+    corrupted_ids: list[int],
+    corrupted_latents: torch.Tensor,
+    clean_layer_outputs: torch.Tensor,
+    tail_ids: list[int],
+    *,
+    module: str,
+    layer: int,
+    positions: list[int],
+    strategy: str,
+    bot: int,
+    eot: int,
+):
+    """Patch clean outputs of `model.layers[layer]` (module "layer") or its `self_attn` / `mlp`
+    into the corrupted run at `positions`, full recompute, no KV cache.
+
+    clean_layer_outputs [seq, d]: the clean run's output of that module. Returns (logits at the
+    last position [vocab], latents fed [K, d]).
+    """
+    block = ref.hf_model.model.layers[layer]
+    target = {"layer": block, "attn": block.self_attn, "mlp": block.mlp}[module]
+    values = clean_layer_outputs[positions]
+    handle = _replace_output(target, positions, values)
+    try:
+        if strategy == "parallel":
+            latents = corrupted_latents
+        else:
+            embeds = ref.embed(corrupted_ids + [bot])
+            fed = []
+            for _ in range(corrupted_latents.shape[0]):
+                latent = ref.prj(ref.final_state(embeds))
+                fed.append(latent[0])
+                embeds = torch.cat([embeds, latent[:, None]], dim=1)
+            latents = torch.stack(fed)
+        embeds = ref.sequence_embeds(corrupted_ids, latents, tail_ids, bot=bot, eot=eot)
+        logits = ref.codi(inputs_embeds=embeds).logits[0, -1]
+    finally:
+        handle.remove()
+    return logits, latents
+
+
+@torch.no_grad()
+def module_outputs(ref: ReferenceCodi, embeds: torch.Tensor, module: str, layer: int) -> torch.Tensor:
+    """Output [seq, d] of model.layers[layer] ("layer"), its self_attn ("attn") or mlp ("mlp")."""
+    block = ref.hf_model.model.layers[layer]
+    target = {"layer": block, "attn": block.self_attn, "mlp": block.mlp}[module]
+    got = []
+    handle = target.register_forward_hook(lambda m, a, out: got.append((out[0] if isinstance(out, tuple) else out)[0].clone()))
+    try:
+        ref.codi(inputs_embeds=embeds)
+    finally:
+        handle.remove()
+    return got[0]
