@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
+
+FORMAT = "interp-pairs"
+VERSION = 1
+_PAIR_FIELDS = ("id", "clean_question", "corrupted_question", "clean_answer", "corrupted_answer", "change")
+_CHANGE_FIELDS = ("old", "new", "span")
 
 
 @dataclass(frozen=True)
@@ -48,3 +58,77 @@ class Pair:
             change=NumberChange(change["old"], change["new"], tuple(change["span"])),
             source=dict(d.get("source", {})),
         )
+
+
+def save_pairs(path: str | Path, pairs: Iterable[Pair], meta: dict[str, Any]) -> None:
+    """Write `{"format": "interp-pairs", "version": 1, "meta": meta, "pairs": [...]}` to `path`.
+
+    `meta` should say where the pairs came from (source, seed, stage counts ...) and must be
+    JSON-serializable. The file is written to a temporary file next to `path` and moved into
+    place, so a reader never sees half a file. Raises ValueError for a pair whose answers are
+    equal (`load_pairs` would refuse it) or a non-finite number.
+    """
+    path = Path(path)
+    records = [p.to_dict() for p in pairs]
+    for i, d in enumerate(records):
+        if d["clean_answer"] == d["corrupted_answer"]:
+            raise ValueError(f"pair #{i} ({d['id']!r}) has equal answers ({d['clean_answer']}); drop it before saving")
+    try:
+        text = json.dumps({"format": FORMAT, "version": VERSION, "meta": meta, "pairs": records},
+                          indent=1, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"cannot write {path}: meta or pairs are not plain finite JSON ({e})") from None
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_pairs(path: str | Path) -> tuple[list[Pair], dict[str, Any]]:
+    """Read a file written by `save_pairs`: (pairs, meta).
+
+    Raises ValueError naming the problem and the fix when the file is not JSON, is not a pairs
+    file, has another version, or holds a malformed pair or one whose answers are equal.
+    """
+    path = Path(path)
+    regenerate = "regenerate it with interp.data.save_pairs"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not JSON ({e}); expected a pairs file, {regenerate}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        tag = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"{path} is not a pairs file: format tag {tag!r}, expected {FORMAT!r}; {regenerate}")
+    if "version" not in data:
+        raise ValueError(f"{path} has no 'version'; this code reads version {VERSION}, {regenerate}")
+    if data["version"] != VERSION:
+        raise ValueError(f"{path} has version {data['version']!r}; this code reads version {VERSION}, {regenerate}")
+    meta, records = data.get("meta", {}), data.get("pairs")
+    if not isinstance(meta, dict) or not isinstance(records, list):
+        raise ValueError(f"{path} needs a 'meta' object and a 'pairs' list; {regenerate}")
+    pairs = []
+    for i, d in enumerate(records):
+        where = f"pair #{i} ({d.get('id')!r}) in {path}" if isinstance(d, dict) else f"pair #{i} in {path}"
+        if not isinstance(d, dict):
+            raise ValueError(f"{where} is not an object; {regenerate}")
+        missing = [k for k in _PAIR_FIELDS if k not in d]
+        if not missing:
+            change = d["change"]
+            missing = [f"change.{k}" for k in _CHANGE_FIELDS if not isinstance(change, dict) or k not in change]
+        if missing:
+            raise ValueError(f"{where} is missing field(s) {', '.join(missing)}; {regenerate}")
+        try:
+            pair = Pair.from_dict(d)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where} has a malformed field ({e}); {regenerate}") from None
+        if pair.clean_answer == pair.corrupted_answer:
+            raise ValueError(
+                f"{where} has equal clean and corrupted answers ({pair.clean_answer:g}); "
+                "a pair must change the answer: remove it from the file or regenerate the pairs"
+            )
+        pairs.append(pair)
+    return pairs, meta
