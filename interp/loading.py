@@ -411,3 +411,29 @@ def load_codi(
         answer_prefix=answer_prefix,
         lora=lora,
     )
+
+
+EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
+
+
+def load_default(*, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None) -> CodiModel:
+    """The embedded default model: a small CODI trained by the project (docs/embedded_model.md).
+
+    It ships inside the package in the official CODI format and loads through `load_codi`.
+    """
+    import json
+
+    meta_path = EMBEDDED_DIR / "codi.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(
+            f"the embedded model is missing from {EMBEDDED_DIR}; rebuild it with `interp train --preset embedded --out {EMBEDDED_DIR}`"
+        )
+    meta = json.loads(meta_path.read_text())
+    return load_codi(
+        EMBEDDED_DIR / "model.safetensors",
+        EMBEDDED_DIR / "base",
+        num_latents=meta["num_latents"],
+        answer_prefix=meta["answer_prefix"],
+        dtype=dtype,
+        device=device or "cpu",
+    )

@@ -1,0 +1,238 @@
+"""`interp generate | pairs | patch | run | report | train`: thin commands over the package."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (default: the embedded model shipped with interp)")
+    g.add_argument("--checkpoint", help="CODI checkpoint directory or file (model.safetensors / pytorch_model.bin)")
+    g.add_argument("--base", help="local Hugging Face directory of the base model (config + tokenizer)")
+    g.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha (not stored in checkpoints; CODI uses 32)")
+    g.add_argument("--num-latents", type=int, default=6)
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    g.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+
+
+def load_model(args: argparse.Namespace):
+    from interp.loading import load_codi, load_default
+
+    dtype = DTYPES[args.dtype]
+    if args.checkpoint is None and args.base is None:
+        return load_default(dtype=dtype, device=args.device)
+    if args.checkpoint is None or args.base is None:
+        raise SystemExit("error: --checkpoint and --base go together (or give neither for the embedded model)")
+    return load_codi(args.checkpoint, args.base, lora_alpha=args.lora_alpha, num_latents=args.num_latents, dtype=dtype, device=args.device)
+
+
+def model_provenance(args: argparse.Namespace) -> dict:
+    return {"checkpoint": args.checkpoint or "embedded", "base": args.base or "embedded", "lora_alpha": args.lora_alpha, "dtype": args.dtype}
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    model = load_model(args)
+    gen = model.generate(args.question, max_new_tokens=args.max_new_tokens)
+    for t, row in enumerate(model.decode_latents(gen, k=args.top_k)):
+        state = ", ".join(f"{tok!r} {p:.2f}" for tok, p in row["state"])
+        emb = ", ".join(f"{tok!r} {p:.2f}" for tok, p in row["embedding"])
+        print(f"latent[{t}]  state: {state}  |  embedding: {emb}")
+    print(f"answer text: {gen.text!r}")
+    print(f"answer: {gen.answer}")
+
+
+def build_pairs(args: argparse.Namespace, model) -> tuple[list, dict]:
+    """Pairs from the chosen source, aligned to the model's tokenizer, optionally model-filtered."""
+    from collections import Counter
+
+    from interp.data import align, arithmetic_pairs, filter_by_model, gsm8k_pairs
+
+    counts: dict[str, Counter] = {"source": Counter(), "align": Counter(), "model": Counter()}
+    if args.source == "arithmetic":
+        pairs = arithmetic_pairs(args.n * 2 if args.filter else args.n, seed=args.seed)
+        counts["source"]["read"] = counts["source"]["corrupted"] = len(pairs)
+    else:
+        pairs = gsm8k_pairs(args.gsm8k, split=args.split, seed=args.seed, counts=counts["source"])
+    aligned = [a.pair for a in align(pairs, model.tokenizer, counts=counts["align"])]
+    if args.filter:
+        aligned = filter_by_model(model, aligned, both=True, counts=counts["model"])
+    kept = aligned[: args.n]
+    for stage, c in counts.items():
+        if c:
+            print(f"{stage}: " + ", ".join(f"{k} {v}" for k, v in c.items()))
+    print(f"kept: {len(kept)} pairs")
+    meta = {"source": args.source, "seed": args.seed, "n": args.n, "counts": {k: dict(v) for k, v in counts.items()}, "kept": len(kept)}
+    return kept, meta
+
+
+def cmd_pairs(args: argparse.Namespace) -> None:
+    from interp.data import save_pairs
+
+    model = load_model(args)
+    pairs, meta = build_pairs(args, model)
+    save_pairs(args.out, pairs, meta)
+    print(f"wrote {args.out}")
+
+
+def sweep_config(args: argparse.Namespace):
+    from interp.sweep import KINDS, SweepConfig
+
+    strategies = ("parallel", "iterative") if args.strategy == "both" else (args.strategy,)
+    layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
+    kinds = tuple(args.kinds.split(",")) if args.kinds else KINDS
+    return SweepConfig(hook=args.hook, strategies=strategies, kinds=kinds, layers=layers, seed=args.seed)
+
+
+def wandb_logger(args: argparse.Namespace, config) -> object | None:
+    if not args.wandb:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise SystemExit("error: --wandb needs the wandb package: pip install 'interp[wandb]'") from None
+    run = wandb.init(project="interp", name=Path(args.out).name, config={**vars(config), "out": str(args.out)})
+    return run.log
+
+
+def run_patch_sweep(args: argparse.Namespace, model, pairs, provenance: dict) -> dict:
+    from interp.sweep import run_sweep
+
+    config = sweep_config(args)
+    if args.quick:
+        pairs = pairs[:5]
+    summary = run_sweep(model, pairs, args.out, config, provenance=provenance, logger=wandb_logger(args, config))
+    print(summary["verdict"])
+    if summary["validity"]["n_failed"]:
+        print(f"VALIDITY: {summary['validity']['n_failed']} pair(s) failed a check, see {Path(args.out) / 'summary.json'}")
+    return summary
+
+
+def cmd_patch(args: argparse.Namespace) -> None:
+    from interp.data import load_pairs
+
+    model = load_model(args)
+    pairs, meta = load_pairs(args.pairs)
+    run_patch_sweep(args, model, pairs, {**model_provenance(args), "pairs_file": str(args.pairs), "pairs_meta": meta})
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from interp.report import export_pngs, write_report
+
+    path = write_report(args.run_dir)
+    pngs = export_pngs(args.run_dir) if not args.no_png else []
+    print(f"report: {path}" + (f" (+{len(pngs)} PNG figures)" if pngs else ""))
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    """The main job: pairs -> patch sweep -> report, on the embedded model unless a checkpoint is given."""
+    from interp.data import load_pairs, save_pairs
+    from interp.report import export_pngs, write_report
+
+    model = load_model(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.pairs:
+        pairs, meta = load_pairs(args.pairs)
+    else:
+        pairs, meta = build_pairs(args, model)
+        save_pairs(out / "pairs.json", pairs, meta)
+    run_patch_sweep(args, model, pairs, {**model_provenance(args), "pairs_meta": meta})
+    report = write_report(out)
+    export_pngs(out)
+    print(f"report: {report}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from interp.train import cli_train
+
+    cli_train(args.preset, args.out, args.seed)
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def add_sweep_args(p: argparse.ArgumentParser, default_out: str | None) -> None:
+    p.add_argument("--hook", default="resid_post", help="hook family (resid_pre|resid_mid|resid_post|attn_out|mlp_out) or a template like 'blocks.{L}.attn.hook_z'")
+    p.add_argument("--strategy", choices=["both", "parallel", "iterative"], default="both")
+    p.add_argument("--kinds", default=None, help="comma-separated subset of single,all,cumulative (default: all three)")
+    p.add_argument("--layers", default=None, help="comma-separated layers (default: every layer)")
+    p.add_argument("--out", required=default_out is None, default=default_out, help="run directory (resumes if it exists)")
+    p.add_argument("--quick", action="store_true", help="5 pairs only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--wandb", action="store_true", help="log to Weights & Biases (honours WANDB_MODE=offline)")
+
+
+def add_pair_source_args(p: argparse.ArgumentParser, n: int) -> None:
+    p.add_argument("--source", choices=["arithmetic", "gsm8k"], default="arithmetic")
+    p.add_argument("--n", type=int, default=n, help="number of pairs to keep")
+    p.add_argument("--gsm8k", default=None, help="GSM8K JSONL file or directory (default: the hub copy via `datasets`)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--no-filter", dest="filter", action="store_false", help="keep pairs the model gets wrong")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="interp", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="run the latent loop on one question")
+    add_model_args(p)
+    p.add_argument("question")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--top-k", type=int, default=3)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("pairs", help="build clean/corrupted pairs and write a pairs file")
+    add_model_args(p)
+    add_pair_source_args(p, n=300)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_pairs)
+
+    p = sub.add_parser("patch", help="patching sweep over a pairs file")
+    add_model_args(p)
+    p.add_argument("--pairs", required=True)
+    add_sweep_args(p, default_out=None)
+    p.set_defaults(func=cmd_patch)
+
+    p = sub.add_parser("run", help="pairs -> patch sweep -> report (the main job)")
+    add_model_args(p)
+    add_pair_source_args(p, n=40)
+    p.add_argument("--pairs", default=None, help="use this pairs file instead of building pairs")
+    add_sweep_args(p, default_out="results/run")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="write report.html (+ PNGs) for a run directory")
+    p.add_argument("run_dir")
+    p.add_argument("--no-png", action="store_true")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("train", help="train a CODI model (preset 'embedded' rebuilds the shipped model)")
+    p.add_argument("--preset", default="embedded")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
