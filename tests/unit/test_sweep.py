@@ -1,0 +1,113 @@
+"""Sweeps: resume without loss or repetition, validity failures reported, summary statistics."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from interp import load_codi
+from interp.data.arithmetic import arithmetic_pairs
+from interp.sweep import SweepConfig, read_jsonl, run_sweep, summarize
+
+CONFIG = SweepConfig(kinds=("single",), layers=(1,), bootstrap=200)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_codi):
+    _, base, tok, paths = tiny_codi
+    return load_codi(paths["bin"], (base, tok), device="cpu")
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_sweep_resumes_without_loss_or_repetition(model, tmp_path):
+    pairs = arithmetic_pairs(1, seed=3)
+    calls = []
+
+    def stop_after_three(metrics):
+        calls.append(metrics)
+        if len(calls) == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_sweep(model, pairs, tmp_path / "run", CONFIG, progress=False, logger=stop_after_three)
+    assert len(read_jsonl(tmp_path / "run" / "results.jsonl")) == 6  # 3 units x 2 strategies landed
+    with open(tmp_path / "run" / "results.jsonl", "a") as f:
+        f.write('{"test_id": "torn')  # a write cut short by the kill
+    run_sweep(model, pairs, tmp_path / "run", CONFIG, progress=False)
+    resumed = read_jsonl(tmp_path / "run" / "results.jsonl")
+    ids = [r["test_id"] for r in resumed]
+    assert len(ids) == len(set(ids)) == 12
+
+    run_sweep(model, pairs, tmp_path / "fresh", CONFIG, progress=False)
+    fresh = {r["test_id"]: r for r in read_jsonl(tmp_path / "fresh" / "results.jsonl")}
+    assert set(fresh) == set(ids)
+    for r in resumed:
+        assert r["logit_diff"] == pytest.approx(fresh[r["test_id"]]["logit_diff"], abs=1e-6)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["n_tests"] == 12 and summary["validity"]["n_failed"] == 0
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["versions"]["torch"] and run["config"]["layers"] == [1] and "finished" in run
+
+
+def test_resume_refuses_other_config(model, tmp_path):
+    pairs = arithmetic_pairs(1, seed=3)
+    run_sweep(model, pairs, tmp_path, SweepConfig(kinds=("all",), layers=(0,), bootstrap=50), progress=False)
+    with pytest.raises(ValueError, match="holds a run with another config or other pairs"):
+        run_sweep(model, pairs, tmp_path, SweepConfig(kinds=("all",), layers=(2,), bootstrap=50), progress=False)
+
+
+def test_failed_validity_check_is_reported(model, tmp_path, monkeypatch, capsys):
+    import interp.sweep as sweep
+
+    real = sweep.trace_pair
+
+    def broken(model, pair):  # a clean cache that does not belong to the clean run
+        pt = real(model, pair)
+        pt.clean.cache.cache_dict["blocks.0.hook_resid_pre"] = pt.clean.cache["blocks.0.hook_resid_pre"] * 1.5
+        return pt
+
+    monkeypatch.setattr(sweep, "trace_pair", broken)
+    summary = run_sweep(model, arithmetic_pairs(1, seed=4), tmp_path, SweepConfig(kinds=("all",), layers=(0,), bootstrap=50), progress=False)
+    assert summary["validity"]["n_failed"] == 1
+    assert "all_inputs_is_clean/parallel" in summary["validity"]["failed"][0]["failed"]
+    assert "nothing_is_corrupted/parallel" not in summary["validity"]["failed"][0]["failed"]
+    assert summary["verdict"].startswith("WARNING: 1 pair(s) failed a validity check")
+    assert "VALIDITY CHECK FAILED" in capsys.readouterr().err
+
+
+def _rows(effects: dict[str, list[float]]) -> list[dict]:
+    rows = []
+    for strategy, values in effects.items():
+        for i, v in enumerate(values):
+            rows.append({"pair_id": f"p{i}", "strategy": strategy, "kind": "all", "layer": 0, "latents": [0, 1], "hook": "h",
+                         "normalized_effect": v, "logit_diff": v, "kl": 0.0, "flip": v > 0.5})
+    return rows
+
+
+def test_summary_means_and_paired_differences():
+    rng = np.random.default_rng(0)
+    par = rng.normal(0.2, 0.05, 30).tolist()
+    it = [p + 0.5 + e for p, e in zip(par, rng.normal(0, 0.05, 30))]
+    s = summarize(_rows({"parallel": par, "iterative": it}), [], SweepConfig(bootstrap=500))
+    cell = next(c for c in s["cells"] if c["strategy"] == "parallel")
+    assert cell["normalized_effect"]["mean"] == pytest.approx(np.mean(par))
+    assert cell["normalized_effect"]["ci_low"] < np.mean(par) < cell["normalized_effect"]["ci_high"]
+    assert cell["flip"]["mean"] == pytest.approx(np.mean([p > 0.5 for p in par]))
+    diff = s["iterative_minus_parallel"][0]
+    assert diff["mean"] == pytest.approx(np.mean(np.array(it) - np.array(par)))
+    assert diff["ci_excludes_zero"] and 0.45 < diff["ci_low"] < diff["ci_high"] < 0.55
+    assert s["verdict"].startswith("Iterative and parallel patching differ")
+
+
+def test_summary_no_difference_and_too_few_pairs():
+    same = [0.1, 0.4, 0.3, 0.2, 0.9]
+    s = summarize(_rows({"parallel": same, "iterative": same}), [], SweepConfig(bootstrap=200))
+    assert s["verdict"].startswith("No detectable difference")
+    one = summarize(_rows({"parallel": [0.1], "iterative": [0.9]}), [], SweepConfig(bootstrap=200))
+    assert "Too few pairs" in one["verdict"] and math.isnan(one["iterative_minus_parallel"][0]["ci_low"])
