@@ -1,0 +1,165 @@
+"""One self-contained HTML page for a run directory, and PNGs of its figures.
+
+    write_report("results/run1")   # -> results/run1/report.html (plotly.js inline, works offline)
+    export_pngs("results/run1")    # -> results/run1/png/*.png, if kaleido and Chromium are installed
+
+The page holds the run's config (run.json), the validity checks (validity.jsonl; failures in
+red), the verdict (summary.json) and every figure of `report_figures`.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import plotly.graph_objects as go
+import plotly.io as pio
+from plotly.offline import get_plotlyjs
+
+from interp.plots import difference_heatmap, heatmap, layer_lines, load_results, similarity_heatmap
+from interp.sweep import METRICS, read_jsonl
+
+STYLE = """
+html { overflow-y: scroll; }
+body { font-family: system-ui, sans-serif; margin: 1em auto; padding: 0 1.5em; box-sizing: border-box; max-width: 1400px; color: #222; }
+h1 { font-size: 1.6em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ccc; }
+table.kv, table.validity { border-collapse: collapse; font-size: 0.9em; }
+table.kv td, table.validity td, table.validity th { border: 1px solid #ddd; padding: 3px 8px; text-align: left; vertical-align: top; }
+td.fail { background: #fdd; color: #a00; font-weight: bold; } td.pass { color: #060; }
+.verdict { background: #f4f4f8; border-left: 4px solid #446; padding: 0.8em 1em; font-size: 1.05em; }
+.scroll { max-height: 420px; overflow: auto; }
+.figure { margin: 1.5em 0; }
+"""
+MAX_LISTED = 12
+
+
+def report_figures(df: pd.DataFrame, run: dict[str, Any]) -> list[tuple[str, go.Figure]]:
+    """(name, figure) for every figure of a report: heatmaps of each kind, the paired differences,
+    per-layer lines and the activation similarities; names are file stems for the PNGs."""
+    config = run.get("config", {})
+    ci = {"n_resamples": int(config.get("bootstrap", 2000)), "seed": int(config.get("seed", 0))}
+    kinds = [k for k in ("single", "cumulative", "all") if k in set(df["kind"])]
+    strategies = set(df["strategy"])
+    both = {"parallel", "iterative"} <= strategies
+    figs: list[tuple[str, go.Figure]] = []
+    for kind in kinds:
+        for metric in METRICS if kind == "single" else ("normalized_effect",):
+            figs.append((f"heatmap_{metric}_{kind}", heatmap(df, metric, kind=kind, **ci)))
+    if both:
+        figs += [(f"difference_normalized_effect_{kind}", difference_heatmap(df, "normalized_effect", kind, **ci)) for kind in kinds]
+    if "all" in kinds:
+        figs += [(f"layers_{metric}_all", layer_lines(df, metric, "all", **ci)) for metric in ("normalized_effect", "kl")]
+    if "single" in kinds:
+        figs += [(f"similarity_sim_cos_{s}_latent0", similarity_heatmap(df, "sim_cos", s, "single", (0,))) for s in ("parallel", "iterative") if s in strategies]
+        if both:
+            figs.append(("similarity_par_cos_latent0", similarity_heatmap(df, "par_cos", "iterative", "single", (0,))))
+    return figs
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, list) and len(v) > MAX_LISTED:
+        v = v[:MAX_LISTED] + [f"… ({len(v) - MAX_LISTED} more)"]
+    return html.escape(v if isinstance(v, str) else json.dumps(v))
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out += _flatten(v, f"{prefix}{k}.")
+        else:
+            out.append((f"{prefix}{k}", v))
+    return out
+
+
+def config_table(run: dict[str, Any]) -> str:
+    """run.json as a key/value table (nested keys dotted, long lists shortened)."""
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td><code>{_value(v)}</code></td></tr>" for k, v in _flatten(run))
+    return f'<table class="kv">{rows}</table>'
+
+
+def validity_table(validity: list[dict[str, Any]], tolerance: float) -> str:
+    """One row per pair, one column per check (max |Δ logits|); failed checks in red, failing pairs first."""
+    if not validity:
+        return "<p>No validity checks were recorded.</p>"
+    names = list(dict.fromkeys(name for v in validity for name in v["checks"]))
+    failed = [v for v in validity if not v["passed"]]
+    head = "".join(f"<th>{html.escape(n).replace('/', '/<br>')}</th>" for n in names)
+    body = []
+    for v in sorted(validity, key=lambda v: v["passed"]):
+        cells = []
+        for n in names:
+            c = v["checks"].get(n)
+            cells.append("<td>missing</td>" if c is None else f'<td class="{"pass" if c["passed"] else "fail"}">{c["max_abs_diff"]:.2e}</td>')
+        status = '<td class="pass">passed</td>' if v["passed"] else '<td class="fail">FAILED</td>'
+        body.append(f"<tr><td>{html.escape(str(v['pair_id']))}</td>{status}{''.join(cells)}</tr>")
+    line = (
+        f"<p>{len(validity) - len(failed)} of {len(validity)} pairs passed every check "
+        f"(max |Δ logits| &lt; {tolerance:g}).</p>"
+    )
+    table = f'<div class="scroll"><table class="validity"><tr><th>pair</th><th>status</th>{head}</tr>{"".join(body)}</table></div>'
+    return line + table
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write `run_dir/report.html`: config, validity checks, verdict and every figure, plotly.js inline once."""
+    run_dir = Path(run_dir)
+    df = load_results(run_dir)
+    run = _read_json(run_dir / "run.json") or {}
+    summary = _read_json(run_dir / "summary.json")
+    validity = read_jsonl(run_dir / "validity.jsonl")
+    tolerance = (summary or {}).get("validity", {}).get("tolerance", 1e-3)
+    verdict = summary["verdict"] if summary else "No summary.json: the run has not finished (rerun the same command to resume it)."
+    figs = report_figures(df, run)
+    divs = "".join(
+        f'<div class="figure" id="{name}">{fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{name}")}</div>' for name, fig in figs
+    )
+    counts = f"{df['pair_id'].nunique()} pairs, {len(df)} patch tests, hook {html.escape(str(run.get('config', {}).get('hook', '?')))}"
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>interp report: {html.escape(run_dir.name)}</title>
+<style>{STYLE}</style>
+<script type="text/javascript">{get_plotlyjs()}</script>
+</head><body>
+<h1>Patching sweep: {html.escape(run_dir.name)}</h1>
+<p>{counts}</p>
+<h2>Verdict</h2>
+<p class="verdict">{html.escape(verdict)}</p>
+<h2>Validity checks</h2>
+{validity_table(validity, tolerance)}
+<h2>Figures</h2>
+{divs}
+<h2>Run configuration (run.json)</h2>
+{config_table(run)}
+</body></html>
+"""
+    out = run_dir / "report.html"
+    out.write_text(page, encoding="utf-8")
+    return out
+
+
+def export_pngs(run_dir: str | Path, width: int = 1200) -> list[Path]:
+    """PNGs of the report's figures in `run_dir/png/` with kaleido (needs Chrome/Chromium).
+
+    When no static exporter works (kaleido not installed, no browser found), warn in one line and
+    return [].
+    """
+    run_dir = Path(run_dir)
+    figs = report_figures(load_results(run_dir), _read_json(run_dir / "run.json") or {})
+    out = run_dir / "png"
+    paths = [out / f"{name}.png" for name, _ in figs]
+    try:
+        out.mkdir(exist_ok=True)
+        pio.write_images([fig for _, fig in figs], paths, width=width, height=[fig.layout.height for _, fig in figs])
+    except Exception as exc:  # any exporter failure: the PNGs are optional
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        warnings.warn(f"PNG export skipped ({type(exc).__name__}: {first}); install kaleido (pip install kaleido) and Chromium (apt-get install chromium)", stacklevel=2)
+        return []
+    return paths
