@@ -1,0 +1,62 @@
+"""Named training presets and the `interp train` entry point."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from interp.train.trainer import TrainConfig, TrainResult, train
+
+PRESETS: dict[str, TrainConfig] = {
+    # The shipped model (interp/embedded/): phase 1 teacher, then CODI + per-step alignment.
+    "embedded": TrainConfig(name="embedded", p2_max_steps=1200),
+    # Same size and optimiser as the embedded model's phase 1, no chain, no latents; its step count
+    # matches the embedded run's phase 1 + phase 2 (see docs/embedded_model.md).
+    "direct-baseline": TrainConfig(name="direct-baseline", objective="direct", direct_steps=1100),
+    # A 2-layer d=32 model, a few dozen steps: for tests (< 30 s).
+    "micro": TrainConfig(
+        name="micro",
+        task_steps=3,
+        num_latents=3,
+        num_layers=2,
+        hidden_size=32,
+        num_heads=2,
+        num_kv_heads=1,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        p1_batch=32,
+        p1_lr=1e-2,
+        p1_max_steps=25,
+        p2_batch=16,
+        p2_lr=3e-3,
+        p2_max_steps=15,
+        direct_batch=32,
+        direct_lr=1e-2,
+        direct_steps=25,
+        warmup_steps=2,
+        eval_every=1000,
+        dev_size=32,
+        progress=False,
+        save_phase1=False,
+    ),
+}
+
+
+def get_preset(name: str, **overrides) -> TrainConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+
+def train_preset(name: str, out_dir: str | Path, seed: int = 0, **overrides) -> TrainResult:
+    """Train preset `name` (overriding any `TrainConfig` field) and write its checkpoint to `out_dir`."""
+    return train(get_preset(name, **overrides), out_dir, seed=seed)
+
+
+def cli_train(preset: str, out: str | Path, seed: int = 0) -> int:
+    """`interp train --preset NAME --out DIR [--seed S]`: train, write the checkpoint, print a summary."""
+    res = train_preset(preset, out, seed=seed)
+    m = res.meta
+    print(f"wrote {Path(out) / 'model.safetensors'} ({m['objective']['name']}, steps {m['steps']}, "
+          f"{m['wall_time_s']} s, dev {m['dev']})")
+    return 0
