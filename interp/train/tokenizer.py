@@ -92,11 +92,10 @@ def save_base_dir(out_dir: str | Path, config=None) -> Path:
         raise ValueError(f"the base config must have vocab_size={V} (the base vocab), got {config.vocab_size}")
     config.save_pretrained(out)
     hf_tokenizer().save_pretrained(out)
-    # keep the directory minimal: config + tokenizer files only
-    for extra in ("special_tokens_map.json", "chat_template.jinja", "generation_config.json"):
-        p = out / extra
-        if p.exists() and extra != "special_tokens_map.json":
-            p.unlink()
+    # keep the directory minimal: config + tokenizer files only (older transformers also write these)
+    for extra in ("special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "generation_config.json"):
+        if (out / extra).exists():
+            (out / extra).unlink()
     _check_round_trip(out)
     return out
 
