@@ -117,6 +117,9 @@ def _write(source: Tensor, positions: list[int], chunk_positions: list[int], hea
     """A hook that writes source[:, positions] into the chunk at chunk_positions."""
 
     def hook_fn(act: Tensor, hook) -> Tensor:
+        # A copy, never an in-place write: at blocks.0.hook_resid_pre the activation IS the caller's
+        # input embeddings (start_at_layer=0), and writing into it would alter the trace itself.
+        act = act.clone()
         value = source[:, positions].to(act)
         if head is None:
             act[:, chunk_positions] = value

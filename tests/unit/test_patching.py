@@ -87,6 +87,8 @@ def test_validity_identities(setup):
         everything = run_patched(model, corrupted, clean, [Site("blocks.0.hook_resid_pre", every)], strategy)
         torch.testing.assert_close(everything.answer_logits, clean.answer_logits, rtol=0, atol=1e-5)
         assert everything.answer == clean.answer
+    # patching reads the traces and never writes into them
+    torch.testing.assert_close(corrupted.input_embeds, model.trace(CORRUPTED_Q).input_embeds, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
