@@ -78,7 +78,8 @@ def test_failed_validity_check_is_reported(model, tmp_path, monkeypatch, capsys)
     assert "all_inputs_is_clean/parallel" in summary["validity"]["failed"][0]["failed"]
     assert "nothing_is_corrupted/parallel" not in summary["validity"]["failed"][0]["failed"]
     assert summary["verdict"].startswith("WARNING: 1 pair(s) failed a validity check")
-    assert "VALIDITY CHECK FAILED" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "VALIDITY CHECK FAILED for pair arith-4-0" in captured.out + captured.err
 
 
 def _rows(effects: dict[str, list[float]]) -> list[dict]:
