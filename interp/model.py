@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from transformer_lens import ActivationCache, HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.utilities import apply_softcap
 
 Hook = tuple[str, Callable]
 #: (chunk start, chunk length) -> hooks for that chunk; lets a caller write at absolute positions.
@@ -113,6 +114,47 @@ class Trace:
             raise KeyError(f"no position named {name!r}; names are {self.position_names}") from None
 
 
+#: parameter name suffix -> permutation from the contiguous storage TransformerLens's forward wants to
+#: the parameter's own shape. TL 3.9 rebuilds each weight in the layout F.linear wants on every pass
+#: (`W.T.contiguous()`, an einops rearrange of W_Q/W_K/W_V/W_O): a copy of nearly every weight per
+#: forward pass, which dominates small batches on a CPU. Stored in that layout, the same calls return
+#: views of the storage: F.linear gets the same contiguous matrix, so every result is bitwise the same.
+_LAYOUT = {
+    "attn.W_Q": (0, 2, 1), "attn.W_K": (0, 2, 1), "attn.W_V": (0, 2, 1),  # [h, dm, dh] from [h, dh, dm]
+    "attn._W_K": (0, 2, 1), "attn._W_V": (0, 2, 1),
+    "attn.W_O": (1, 2, 0),  # [h, dh, dm] from [dm, h, dh]
+    "mlp.W_in": (1, 0), "mlp.W_gate": (1, 0), "mlp.W_out": (1, 0),  # transposes
+    "unembed.W_U": (1, 0),
+}
+
+
+def fast_layout(model: "CodiModel", enable: bool = True) -> int:
+    """Store the weights in the layout TransformerLens's forward asks for (enable=False: plain layout).
+
+    Values are unchanged and results are bitwise identical; only the strides of the parameters
+    change. Returns the number of parameters changed.
+    """
+    changed = 0
+    with torch.no_grad():
+        for name, p in model.model.named_parameters():
+            perm = next((v for k, v in _LAYOUT.items() if name.endswith(k)), None)
+            if perm is None:
+                continue
+            inverse = tuple(sorted(range(len(perm)), key=perm.__getitem__))
+            if enable:
+                storage = p.detach().permute(*inverse).contiguous()
+                if p.data.permute(*inverse).is_contiguous():
+                    continue
+                p.data = storage.permute(*perm)
+            else:
+                if p.data.is_contiguous():
+                    continue
+                p.data = p.data.contiguous()
+            changed += 1
+    return changed
+
+
+
 @dataclass
 class CodiModel:
     """A CODI model: a `HookedTransformer`, its tokenizer, the projection `prj` and the special ids."""
@@ -126,6 +168,9 @@ class CodiModel:
     num_latents: int = 6
     answer_prefix: str = "The answer is:"
     lora: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        fast_layout(self)  # same values, bitwise the same results, no per-pass weight copies
 
     # ------------------------------------------------------------------ basics
 
@@ -179,6 +224,7 @@ class CodiModel:
         attention_mask: Tensor | None = None,
         fwd_hooks: Sequence[Hook] = (),
         with_cache: bool = False,
+        logit_positions: Sequence[int] | None = None,
     ) -> ForwardOutput:
         """Run the network on input embeddings [batch, pos, d_model].
 
@@ -186,6 +232,9 @@ class CodiModel:
         [batch, pos] marks real positions of this chunk (left padding = 0); when a KV cache is
         used it is appended to the cache's mask. User hooks run before the internal capture of
         the final-normed state, so a hook that patches it changes what `prj` reads.
+        `logit_positions` (chunk-relative) unembeds only those positions: logits are then
+        [batch, len(logit_positions), d_vocab] (empty list: no unembedding at all); the same
+        modules run, so the values equal the full logits at those positions.
         """
         if kv_cache is not None:
             chunk_mask = attention_mask if attention_mask is not None else torch.ones(embeds.shape[:2], dtype=torch.long)
@@ -198,13 +247,21 @@ class CodiModel:
         hooks = list(fwd_hooks) + [("ln_final.hook_normalized", grab_normalized)]
         kwargs = dict(start_at_layer=0, past_kv_cache=kv_cache, attention_mask=attention_mask)
         cache = None
+        if logit_positions is not None:
+            if with_cache:
+                raise ValueError("logit_positions and with_cache do not go together (the cache would lack ln_final)")
+            kwargs["stop_at_layer"] = self.cfg.n_layers  # stop before ln_final and the unembedding
         with self.model.hooks(fwd_hooks=hooks):
             if with_cache:
                 logits, cache = self.model.run_with_cache(embeds, **kwargs)
             else:
                 logits = self.model(embeds, **kwargs)
+            if logit_positions is not None:  # the residual: finish the pass at the chosen positions
+                normed = self.model.ln_final(logits)
+                logits = apply_softcap(self.model.unembed(normed[:, list(logit_positions)]), self.cfg.output_logits_soft_cap)
         # hook_normalized is x / rms(x); HF's hidden_states[-1] (what prj reads) includes the weight.
-        final = captured["normalized"] * self.model.ln_final.w
+        # In bf16/fp16 TransformerLens normalizes in fp32 and casts back before the weight (as HF does).
+        final = captured["normalized"].to(self.cfg.dtype) * self.model.ln_final.w
         return ForwardOutput(logits=logits, final=final, cache=cache)
 
     # ------------------------------------------------------------------ the latent loop
