@@ -1,4 +1,4 @@
-"""`interp generate | pairs | patch | run | report | train`: thin commands over the package."""
+"""`interp generate | pairs | patch | run | report | train | bench`: thin commands over the package."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def sweep_config(args: argparse.Namespace):
     strategies = ("parallel", "iterative") if args.strategy == "both" else (args.strategy,)
     layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
     kinds = tuple(args.kinds.split(",")) if args.kinds else KINDS
-    return SweepConfig(hook=args.hook, strategies=strategies, kinds=kinds, layers=layers, seed=args.seed)
+    return SweepConfig(hook=args.hook, strategies=strategies, kinds=kinds, layers=layers, seed=args.seed, engine=args.engine)
 
 
 def wandb_logger(args: argparse.Namespace, config) -> object | None:
@@ -153,6 +153,13 @@ def cmd_run(args: argparse.Namespace) -> None:
     print(f"report: {report}")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from interp.bench import bench_main
+
+    rest = args.bench_args
+    bench_main(rest[1:] if rest[:1] == ["--"] else rest)
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from interp.train import cli_train
 
@@ -171,6 +178,8 @@ def add_sweep_args(p: argparse.ArgumentParser, default_out: str | None) -> None:
     p.add_argument("--quick", action="store_true", help="5 pairs only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--wandb", action="store_true", help="log to Weights & Biases (honours WANDB_MODE=offline)")
+    p.add_argument("--engine", choices=["fast", "naive"], default="fast",
+                   help="fast: prefix reuse + batched tests (interp.fast); naive: one test at a time. Same results")
 
 
 def add_pair_source_args(p: argparse.ArgumentParser, n: int) -> None:
@@ -222,10 +231,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("bench", add_help=False, help="fast engine vs a naive patcher: same sweep, same results, tests/s (interp bench --help)")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # its own parser (interp.bench), options passed through untouched
+        argv = ["bench", "--", *argv[1:]]
     args = parser().parse_args(argv)
     try:
         args.func(args)

