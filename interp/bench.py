@@ -318,46 +318,43 @@ def run_engine(name: str, model: CodiModel, traces, config, *, batch_size: int |
     rows: dict[str, dict[str, Any]] = {}
     patch_s = flops = 0.0
     max_diff = 0.0
+    units = [Unit(pi, layer, kind, latents) for pi, pt in enumerate(traces) for layer, kind, latents in _units(config, pt, model)]
+    if only is not None:
+        units = [u for u in units if u in only]
     _sync(model.device)
     t0 = time.perf_counter()
-    for pi, pt in enumerate(traces):
-        units = [Unit(pi, layer, kind, latents) for layer, kind, latents in _units(config, pt, model)]
-        if only is not None:
-            units = [u for u in units if u in only]
+    if name == "fast":  # one engine over every pair: batches mix pairs, late-starting units together
+        patcher = fast_patcher(model, traces, config, batch_size)
+        units.sort(key=lambda u: (min(u.latents), u.layer, u.kind, u.latents, u.pair_index))
+        batches = [units[i : i + patcher.batch_size] for i in range(0, len(units), patcher.batch_size)]
+    else:
+        batches = [[u] for u in units]
+    for n, batch in enumerate(batches):
+        t1 = time.perf_counter()
+        jobs = [(u, s, latent_sites(traces[u.pair_index].corrupted, config.hook_name(u.layer), u.latents)) for u in batch for s in config.strategies]
         if name == "fast":
-            t1 = time.perf_counter()
-            patcher = fast_patcher(model, pt, config, batch_size)
-            units.sort(key=lambda u: (min(u.latents), u.layer, u.kind, u.latents))
-            batches = [units[i : i + patcher.batch_size] for i in range(0, len(units), patcher.batch_size)]
-            patch_s += time.perf_counter() - t1
+            results = patcher.run([Job((site,), s, pair=u.pair_index) for u, s, site in jobs])
         else:
-            batches = [[u] for u in units]
-        for batch in batches:
-            t1 = time.perf_counter()
-            jobs = [(u, s, latent_sites(pt.corrupted, config.hook_name(u.layer), u.latents)) for u in batch for s in config.strategies]
-            if name == "fast":
-                results = patcher.run([Job((site,), s) for _, s, site in jobs])
-            else:
-                results = [naive_patch(model, pt.corrupted, pt.clean, [site], s, config.family) for _, s, site in jobs]
-            _sync(model.device)
-            patch_s += time.perf_counter() - t1
-            it = iter(zip(jobs, results))
-            for u in batch:
-                by_strategy = {}
-                for _ in config.strategies:
-                    (_, s, _), r = next(it)
-                    by_strategy[s] = r
-                    test_id = u.test_id(pt.pair.id, config.hook_name(u.layer), s)
-                    flops += needed_flops(model, pt.corrupted, min(u.latents), s, r.generation.answer_ids)
-                    logits = r.answer_logits.detach().float().cpu()
-                    if keep_logits is not None:
-                        keep_logits[test_id] = logits
-                    if compare_logits is not None and test_id in compare_logits:
-                        max_diff = max(max_diff, float((logits - compare_logits[test_id]).abs().max()))
-                for row in unit_rows(pt, u, config, by_strategy):
-                    rows[row["test_id"]] = row
-        if progress:
-            print(f"  {name}: pair {pi + 1}/{len(traces)}, {len(rows)} tests, {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+            results = [naive_patch(model, traces[u.pair_index].corrupted, traces[u.pair_index].clean, [site], s, config.family) for u, s, site in jobs]
+        _sync(model.device)
+        patch_s += time.perf_counter() - t1
+        it = iter(results)
+        for u in batch:
+            pt = traces[u.pair_index]
+            by_strategy = {}
+            for s in config.strategies:
+                r = by_strategy[s] = next(it)
+                test_id = u.test_id(pt.pair.id, config.hook_name(u.layer), s)
+                flops += needed_flops(model, pt.corrupted, min(u.latents), s, r.generation.answer_ids)
+                logits = r.answer_logits.detach().float().cpu()
+                if keep_logits is not None:
+                    keep_logits[test_id] = logits
+                if compare_logits is not None and test_id in compare_logits:
+                    max_diff = max(max_diff, float((logits - compare_logits[test_id]).abs().max()))
+            for row in unit_rows(pt, u, config, by_strategy):
+                rows[row["test_id"]] = row
+        if progress and (name == "fast" or n % 10 == 9 or n == len(batches) - 1):
+            print(f"  {name}: batch {n + 1}/{len(batches)}, {len(rows)} tests, {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     _sync(model.device)
     return EngineRun(name, len(rows), time.perf_counter() - t0, patch_s, rows, flops), max_diff
 
@@ -416,7 +413,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def bench_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; prints a report whose last line is `speedup: <ratio>x, max abs diff: <value>`."""
-    from interp.sweep import SweepConfig, trace_pair
+    from interp.sweep import SweepConfig, fast_patcher, trace_pair
 
     args = parse_args(argv)
     if args.threads:
@@ -474,7 +471,7 @@ def bench_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     scale = max(float(pt.corrupted.next_logits.float().abs().max()) for pt in traces)
     rel_diff = logit_diff / scale
     agree = rel_diff < REL_TOL.get(dtype, math.inf) and cmp["answers_differ"] == 0 and cmp["tests"] == naive.tests
-    batch = fast_patcher_batch(model, traces[0], config, args.batch_size)
+    batch = fast_patcher(model, traces, config, args.batch_size).batch_size
     for run in (naive, fast):
         print(f"{run.name:>5}: {run.tests} tests in {run.seconds:.2f} s = {run.tests / run.seconds:.2f} tests/s "
               f"(patching {run.patch_seconds:.2f} s, scoring {run.seconds - run.patch_seconds:.2f} s); "
@@ -510,12 +507,6 @@ def layout_speedup(model: CodiModel, pt, repeats: int = 3) -> float:
             _sync(model.device)
             times[enable] = time.perf_counter() - t0
     return times[False] / times[True]
-
-
-def fast_patcher_batch(model: CodiModel, pt, config, batch_size: int | None) -> int:
-    from interp.sweep import fast_patcher
-
-    return fast_patcher(model, pt, config, batch_size).batch_size
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
 """Fast patching: the same results as `interp.patching.run_patched`, with prefix reuse and batching.
 
-A patch at latent t cannot change anything before latent t's position. So, for one pair:
+A patch at latent t cannot change anything before latent t's position. So:
 
-- The corrupted run's keys and values of [question, bot, latents] are computed once, in one pass
-  (`PairPatcher.base`); a batch of patched runs that all start at latent s (no site before s)
-  copies the first `n_prompt + s` positions of it (`expand_cache`) and runs only the rest.
-- Many patched runs (rows) share each forward pass along the batch axis. One hook per hook name
-  writes the clean activation into the rows that patch that hook at that position (and head).
+- Each pair's corrupted keys and values of [question, bot, latents] are computed once, in one pass
+  (`BatchPatcher._base`); a batch of patched runs that all start at latent s (no site before s)
+  copies the first `n_prompt + s` positions of their pairs' caches and runs only the rest.
+- Many patched runs (rows), of one pair or several, share each forward pass along the batch axis.
+  Rows of pairs whose questions differ in length are left-padded (masked cache columns; rotary
+  positions follow the mask), so that every row's latent t sits in the same column; tails
+  ([eot, prefix, answer common prefix]) of different lengths are right-padded, which causal
+  attention keeps out of every real position. One hook per hook name writes the clean activation
+  into the rows that patch that hook at that column (and head), each from its own pair's clean run.
 - parallel rows run [latents s.., eot, prefix, answer common prefix] as one chunk, latent inputs
   held at the corrupted run's own latents. iterative rows run the latent loop in lockstep, one
   position per step, the patch written at its own step and the patched final state projected into
@@ -19,7 +23,7 @@ A patch at latent t cannot change anything before latent t's position. So, for o
   the right position) and continues step by step; finished rows leave the batch.
 
 Results agree with `run_patched` to float rounding (~1e-6 in fp32): the same modules run on the same
-inputs, only batched and chunked differently. Sites outside the latent positions (e.g. the
+inputs, only batched, padded and chunked differently. Sites outside the latent positions (e.g. the
 validity checks' every-position sites) fall back to `run_patched`.
 
 `PatchResult.cache` is a `PositionCache`: the hook family chosen by `capture` at the positions
@@ -29,7 +33,6 @@ chosen by `capture_positions`, which is what `interp.metrics.cache_similarity` r
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -48,10 +51,11 @@ CPU_BUDGET_BYTES = 2 * 1024**3
 
 @dataclass(frozen=True)
 class Job:
-    """One patched run: clean activations written at `sites`, by `strategy`."""
+    """One patched run: clean activations written at `sites`, by `strategy`, in pair `pair` of the patcher."""
 
     sites: tuple[Site, ...]
     strategy: Strategy
+    pair: int = 0
 
 
 class PositionCache:
@@ -163,178 +167,243 @@ def choose_batch_size(model: CodiModel, seq_len: int, chunk_len: int, n_logits: 
 # ----------------------------------------------------------------------------- the engine
 
 
-class PairPatcher:
-    """Batched patched runs of one (corrupted, clean) pair of traces.
+@dataclass
+class _Pair:
+    """One pair's traces and the layout facts the engine reads."""
 
-    capture: a hook family (`hook_resid_post`, `attn.hook_z`) recorded at `capture_positions`
-    (absolute, at or after the first latent) in every block, returned as `PatchResult.cache`.
-    Creating one stores the model's weights in `fast_layout` (same values, same results).
+    corrupted: Trace
+    clean: Trace
+    capture_positions: list[int]
+    base: TransformerLensKeyValueCache | None = None
+
+    @property
+    def n_prompt(self) -> int:  # question + bot: the first latent's position
+        return self.corrupted.latent_positions[0]
+
+    @property
+    def eot(self) -> int:
+        return self.corrupted.position("eot")
+
+    @property
+    def seq_len(self) -> int:
+        return self.corrupted.seq_len
+
+    @property
+    def n_tail(self) -> int:  # eot, prefix and teacher-forced answer tokens
+        return self.seq_len - self.eot
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One job placed in a batch: its pair and the left padding that aligns its latents."""
+
+    job: Job
+    pair: _Pair
+    offset: int  # column = position + offset
+
+
+class BatchPatcher:
+    """Batched patched runs of one or more (corrupted, clean) pairs of traces.
+
+    `pairs` [(corrupted, clean), ...]; a `Job` names its pair by index. capture: a hook family
+    (`hook_resid_post`, `attn.hook_z`) recorded in every block at `capture_positions[i]` of pair i
+    (absolute, at or after the first latent), returned as `PatchResult.cache`.
     """
 
     def __init__(
         self,
         model: CodiModel,
-        corrupted: Trace,
-        clean: Trace,
+        pairs: Sequence[tuple[Trace, Trace]],
         *,
         capture: str | None = None,
-        capture_positions: Sequence[int] = (),
+        capture_positions: Sequence[Sequence[int]] | None = None,
         batch_size: int | None = None,
         max_new_tokens: int = 16,
     ):
-        check_aligned(corrupted, clean)
-        fast_layout(model)
-        self.model, self.corrupted, self.clean = model, corrupted, clean
-        self.n_prompt = corrupted.latent_positions[0]
-        self.k = len(corrupted.latent_positions)
-        self.eot = corrupted.position("eot")
-        self.seq_len = corrupted.seq_len
-        self.max_new_tokens = max_new_tokens
-        self.capture_positions = sorted(set(capture_positions))
-        if any(p < self.n_prompt or p >= self.seq_len for p in self.capture_positions):
-            raise PatchError(f"capture positions must lie in {self.n_prompt}..{self.seq_len - 1} (the latents and after)")
+        if not pairs:
+            raise PatchError("no pairs to patch")
+        if capture_positions is not None and len(capture_positions) != len(pairs):
+            raise PatchError(f"capture_positions has {len(capture_positions)} entries for {len(pairs)} pairs; give one list per pair")
+        self.model, self.max_new_tokens = model, max_new_tokens
+        self.pairs: list[_Pair] = []
+        for i, (corrupted, clean) in enumerate(pairs):
+            check_aligned(corrupted, clean)
+            positions = sorted(set(capture_positions[i])) if capture_positions is not None else []
+            pair = _Pair(corrupted, clean, positions)
+            if any(p < pair.n_prompt or p >= pair.seq_len for p in positions):
+                raise PatchError(f"capture positions of pair {i} must lie in {pair.n_prompt}..{pair.seq_len - 1} (the latents and after)")
+            self.pairs.append(pair)
+        self.k = len(self.pairs[0].corrupted.latent_positions)
+        if any(len(p.corrupted.latent_positions) != self.k for p in self.pairs):
+            raise PatchError("pairs traced with different numbers of latents cannot share a batch")
         self.capture_names: list[str] = []
         if capture is not None:
             self.capture_names = [f"blocks.{l}.{capture}" for l in range(model.cfg.n_layers) if f"blocks.{l}.{capture}" in model.model.hook_dict]
             if not self.capture_names:
                 raise PatchError(f"no hook blocks.*.{capture} in the model")
-        n_tail = self.seq_len - self.eot
-        self.batch_size = choose_batch_size(model, self.seq_len + max_new_tokens, self.seq_len - self.n_prompt, n_tail, batch_size)
-        self._base: TransformerLensKeyValueCache | None = None
+        longest = max(p.n_prompt for p in self.pairs) + self.k + max(p.n_tail for p in self.pairs)
+        self.batch_size = choose_batch_size(model, longest + max_new_tokens, self.k + max(p.n_tail for p in self.pairs), max(p.n_tail for p in self.pairs), batch_size)
         #: counters over this patcher's runs: rows, forward passes, teacher-forced tokens each row's decode reused
         self.stats: dict[str, Any] = {"rows": 0, "forwards": 0, "accepted": []}
-        self.teacher_tokens = corrupted.tokens[self.eot + 1 :].to(model.device)  # fed after eot
-
-    @property
-    def base(self) -> TransformerLensKeyValueCache:
-        """The corrupted run's 1-row KV cache over [question, bot, latents] (positions < eot)."""
-        if self._base is None:
-            self._base = TransformerLensKeyValueCache.init_cache(self.model.cfg, self.model.device, 1)
-            with torch.no_grad():
-                self.model.forward(self.corrupted.input_embeds[None, : self.eot], kv_cache=self._base, logit_positions=[])
-            self._base.freeze()
-        return self._base
 
     # ------------------------------------------------------------------ public
 
     def fast_path(self, job: Job) -> bool:
         """Whether the job runs batched: every site position is a latent position."""
-        return all(self.n_prompt <= p < self.eot for s in job.sites for p in s.positions)
+        pair = self._pair(job)
+        return all(pair.n_prompt <= p < pair.eot for s in job.sites for p in s.positions)
 
     def run(self, jobs: Sequence[Job]) -> list[PatchResult]:
         """The patched result of every job, in order (same fields as `run_patched`)."""
         results: list[PatchResult | None] = [None] * len(jobs)
         groups: dict[str, list[int]] = {s: [] for s in STRATEGIES}
         for i, job in enumerate(jobs):
+            pair = self._pair(job)
             if job.strategy not in STRATEGIES:
                 raise PatchError(f"unknown strategy {job.strategy!r}; use one of {STRATEGIES}")
             for site in job.sites:
                 check_hook(self.model, site.hook, site.head)
-                bad = [p for p in site.positions if not 0 <= p < self.seq_len]
+                bad = [p for p in site.positions if not 0 <= p < pair.seq_len]
                 if bad:
-                    raise PatchError(f"position {bad[0]} out of range: the sequence has positions 0..{self.seq_len - 1}")
+                    raise PatchError(f"position {bad[0]} out of range: the sequence has positions 0..{pair.seq_len - 1}")
             if self.fast_path(job):
                 groups[job.strategy].append(i)
             else:
-                results[i] = run_patched(self.model, self.corrupted, self.clean, job.sites, job.strategy, max_new_tokens=self.max_new_tokens)
+                results[i] = run_patched(self.model, pair.corrupted, pair.clean, job.sites, job.strategy, max_new_tokens=self.max_new_tokens)
         for strategy, idx in groups.items():
-            idx.sort(key=lambda i: self._start(jobs[i]))  # batches of runs that start late skip more
+            idx.sort(key=lambda i: (self._start(jobs[i]), jobs[i].pair))  # batches of runs that start late skip more
             for b in range(0, len(idx), self.batch_size):
                 chunk = idx[b : b + self.batch_size]
                 with torch.no_grad():
-                    out = self._run_batch([jobs[i].sites for i in chunk], strategy)
+                    out = self._run_batch([jobs[i] for i in chunk], strategy)
                 for i, r in zip(chunk, out):
                     results[i] = r
         return results  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ internals
 
+    def _pair(self, job: Job) -> _Pair:
+        if not 0 <= job.pair < len(self.pairs):
+            raise PatchError(f"job names pair {job.pair}, but the patcher holds pairs 0..{len(self.pairs) - 1}")
+        return self.pairs[job.pair]
+
     def _start(self, job: Job) -> int:
         """Index of the first latent the job patches (K when it patches none)."""
         positions = [p for s in job.sites for p in s.positions]
-        return min(positions) - self.n_prompt if positions else self.k
+        return min(positions) - self._pair(job).n_prompt if positions else self.k
 
-    def _patch_hooks(self, rows: Sequence[tuple[Site, ...]], start: int, length: int) -> list[Hook]:
-        """One hook per hook name writing the clean activations of each row's sites in [start, start+length)."""
-        plan: dict[str, dict[str, list[int]]] = {}
-        for r, sites in enumerate(rows):
-            for site in sites:
+    def _base(self, pair: _Pair) -> TransformerLensKeyValueCache:
+        """The corrupted run's 1-row KV cache over [question, bot, latents] (positions < eot), made once."""
+        if pair.base is None:
+            pair.base = TransformerLensKeyValueCache.init_cache(self.model.cfg, self.model.device, 1)
+            self.model.forward(pair.corrupted.input_embeds[None, : pair.eot], kv_cache=pair.base, logit_positions=[])
+            pair.base.freeze()
+        return pair.base
+
+    def _prefix_cache(self, rows: Sequence[_Row], width: int) -> TransformerLensKeyValueCache:
+        """A len(rows)-row cache over columns [0, width): each row's pair's first `width - offset`
+        positions, left-padded by its offset (zeros, masked out)."""
+        if len({id(r.pair) for r in rows}) == 1:
+            return expand_cache(self._base(rows[0].pair), len(rows), width)  # one pair: views, no copy
+        caches = [self._base(r.pair) for r in rows]
+        entries = []
+        for layer, entry in enumerate(caches[0].entries):
+            keys, values = [], []
+            for r, c in zip(rows, caches):
+                e = c.entries[layer]
+                keys.append(torch.nn.functional.pad(e.past_keys[:, : width - r.offset], (0, 0, 0, 0, r.offset, 0)))
+                values.append(torch.nn.functional.pad(e.past_values[:, : width - r.offset], (0, 0, 0, 0, r.offset, 0)))
+            entries.append(type(entry)(torch.cat(keys), torch.cat(values)))
+        mask = torch.cat([torch.nn.functional.pad(c.previous_attention_mask[:, : width - r.offset], (r.offset, 0)) for r, c in zip(rows, caches)])
+        return TransformerLensKeyValueCache(entries=entries, previous_attention_mask=mask)
+
+    def _patch_hooks(self, rows: Sequence[_Row], start: int, length: int) -> list[Hook]:
+        """One hook per hook name writing the clean activations of each row's sites in columns [start, start+length)."""
+        plan: dict[str, dict[str, list]] = {}
+        for r, row in enumerate(rows):
+            for site in row.job.sites:
                 for p in site.positions:
-                    if start <= p < start + length:
-                        d = plan.setdefault(site.hook, {"r": [], "c": [], "p": [], "hr": [], "hc": [], "hp": [], "hh": []})
-                        keys, values = (("r", "c", "p"), (r, p - start, p)) if site.head is None else (("hr", "hc", "hp", "hh"), (r, p - start, p, site.head))
-                        for key, value in zip(keys, values):
-                            d[key].append(value)
+                    if start <= p + row.offset < start + length:
+                        d = plan.setdefault(site.hook, {"r": [], "c": [], "src": [], "hr": [], "hc": [], "hh": [], "hsrc": []})
+                        value = row.pair.clean.cache[site.hook][0, p]  # [d] or [heads, d_head]
+                        if site.head is None:
+                            d["r"].append(r), d["c"].append(p + row.offset - start), d["src"].append(value)
+                        else:
+                            d["hr"].append(r), d["hc"].append(p + row.offset - start), d["hh"].append(site.head), d["hsrc"].append(value[site.head])
         hooks = []
         device = self.model.device
         for name, d in plan.items():
-            source = self.clean.cache[name][0]  # [seq, ...]
-            ix = {k: torch.tensor(v, dtype=torch.long, device=device) for k, v in d.items()}
-            full = source[ix["p"]] if d["r"] else None
-            head = source[ix["hp"], ix["hh"]] if d["hr"] else None
+            ix = {k: torch.tensor(d[k], dtype=torch.long, device=device) for k in ("r", "c", "hr", "hc", "hh")}
+            full = torch.stack(d["src"]) if d["src"] else None
+            head = torch.stack(d["hsrc"]) if d["hsrc"] else None
             hooks.append((name, _writer(ix, full, head)))
         return hooks
 
-    def _capture_hooks(self, start: int, length: int, store: dict[str, list[tuple[list[int], Tensor]]]) -> list[Hook]:
-        inside = [p for p in self.capture_positions if start <= p < start + length]
-        if not inside or not self.capture_names:
-            return []
-        rel = [p - start for p in inside]
+    def _capture_hooks(self, start: int, store: dict[str, list[tuple[int, Tensor]]]) -> list[Hook]:
+        """Hooks keeping the capture family's activations of a chunk that starts at column `start`."""
 
         def grab(act: Tensor, hook) -> None:
-            store[hook.name].append((inside, act[:, rel].clone()))
+            store[hook.name].append((start, act.clone()))
 
         return [(name, grab) for name in self.capture_names]
 
-    def _run_batch(self, rows: Sequence[tuple[Site, ...]], strategy: str) -> list[PatchResult]:
-        model, corrupted = self.model, self.corrupted
-        b = len(rows)
-        s = min(self._start(Job(sites, strategy)) for sites in rows)  # type: ignore[arg-type]
-        start = self.n_prompt + s
-        cache = expand_cache(self.base, b, start)
-        store: dict[str, list[tuple[list[int], Tensor]]] = {name: [] for name in self.capture_names}
-        latents = corrupted.latents.to(model.device)[None].repeat(b, 1, 1)  # [b, K, d]
+    def _run_batch(self, jobs: Sequence[Job], strategy: str) -> list[PatchResult]:
+        """One batch of jobs of one strategy, possibly of several pairs.
+
+        Columns: every row's latent t sits at column width + t, where width is the longest
+        [question, bot] of the batch (shorter ones are left-padded); eot sits at column `eot`;
+        tails shorter than the longest are right-padded (masked; causal attention keeps them out
+        of every real position).
+        """
+        model, k = self.model, self.k
+        width = max(self._pair(j).n_prompt for j in jobs)
+        rows = [_Row(j, self._pair(j), width - self._pair(j).n_prompt) for j in jobs]
+        b, device = len(rows), model.device
+        s = min(self._start(j) for j in jobs)
+        start, eot = width + s, width + k
+        n_tail = max(r.pair.n_tail for r in rows)
+        cache = self._prefix_cache(rows, start)
+        store: dict[str, list[tuple[int, Tensor]]] = {name: [] for name in self.capture_names}
+        latents = torch.stack([r.pair.corrupted.latents for r in rows]).to(device)  # [b, K, d]
 
         def hooks(chunk_start: int, length: int) -> list[Hook]:
-            return self._patch_hooks(rows, chunk_start, length) + self._capture_hooks(chunk_start, length, store)
+            return self._patch_hooks(rows, chunk_start, length) + self._capture_hooks(chunk_start, store)
 
         if strategy == "iterative":
-            for t in range(s, self.k):  # `latents` records what the loop fed (patches write into copies)
-                out = model.forward(latents[:, t : t + 1], kv_cache=cache, fwd_hooks=hooks(self.n_prompt + t, 1), logit_positions=[])
+            for t in range(s, k):  # `latents` records what the loop fed (patches write into copies)
+                out = model.forward(latents[:, t : t + 1], kv_cache=cache, fwd_hooks=hooks(width + t, 1), logit_positions=[])
                 self.stats["forwards"] += 1
-                if t + 1 < self.k:
+                if t + 1 < k:
                     latents[:, t + 1] = model.project(out.final[:, -1]).to(latents)
-            start = self.eot
-        chunk = corrupted.input_embeds[start:].to(model.device)[None].expand(b, -1, -1)
-        tail = list(range(self.eot - start, self.seq_len - start))
-        out = model.forward(chunk, kv_cache=cache, fwd_hooks=hooks(start, self.seq_len - start), logit_positions=tail)
+            start = eot
+        chunk, mask = _right_padded([r.pair.corrupted.input_embeds[start - r.offset :] for r in rows], eot + n_tail - start)
+        out = model.forward(chunk.to(device), kv_cache=cache, attention_mask=mask, fwd_hooks=hooks(start, chunk.shape[1]), logit_positions=list(range(eot - start, eot + n_tail - start)))
         self.stats["forwards"] += 1
         self.stats["rows"] += b
-        logits = out.logits  # [b, n_tail, vocab] at positions eot..seq_len-1
-        answers = self._decode(logits, cache)
-        return self._results(rows, logits, latents, answers, store, self.n_prompt + s)
+        logits = out.logits  # [b, n_tail, vocab] at columns eot.. (right-padded rows: garbage past their tail)
+        answers = self._decode(rows, logits, cache, eot)
+        return self._results(rows, logits, latents, answers, store, width + s)
 
-    def _decode(self, logits: Tensor, cache: TransformerLensKeyValueCache) -> list[Tensor]:
+    def _decode(self, rows: Sequence[_Row], logits: Tensor, cache: TransformerLensKeyValueCache, eot: int) -> list[Tensor]:
         """Greedy decode from eot for every row: reuse the teacher-forced chunk while it agrees."""
         model = self.model
         b, n_tail = logits.shape[:2]
         eos, max_new = model.eos_id, self.max_new_tokens
-        greedy = logits[:, :, : model.eot_id].argmax(dim=-1)  # [b, n_tail]: greedy token after each position
-        agree = (greedy[:, :-1] == self.teacher_tokens[None]) & (greedy[:, :-1] != eos)
+        teacher = torch.full((b, n_tail - 1), -1, dtype=torch.long, device=model.device)  # fed after eot; -1 = padding
+        for r, row in enumerate(rows):
+            tokens = row.pair.corrupted.tokens[row.pair.eot + 1 :]
+            teacher[r, : len(tokens)] = tokens.to(model.device)
+        greedy = logits[:, :, : model.eot_id].argmax(dim=-1)  # [b, n_tail]: greedy token after each column
+        agree = (greedy[:, :-1] == teacher) & (greedy[:, :-1] != eos)
         accepted = agree.long().cumprod(dim=1).sum(dim=1)  # teacher-forced tokens the decode would emit itself
         self.stats["accepted"] += accepted.tolist()
-        generated: list[list[int]] = []
-        for r in range(b):
-            a = int(accepted[r])
-            generated.append(greedy[r, : a + 1].tolist()[:max_new])
-        done = [g[-1] == eos or len(g) >= max_new for g in generated]
-        active = [r for r in range(b) if not done[r]]
+        generated = [greedy[r, : int(accepted[r]) + 1].tolist()[:max_new] for r in range(b)]
+        active = [r for r in range(b) if generated[r][-1] != eos and len(generated[r]) < max_new]
         if active:
-            rows = torch.tensor(active, device=model.device)
-            cache = select_rows(cache, rows)
+            cache = select_rows(cache, torch.tensor(active, device=model.device))
             mask = cache.previous_attention_mask.clone()
-            for i, r in enumerate(active):  # the teacher-forced positions this row did not take
-                mask[i, self.eot + int(accepted[r]) + 1 :] = 0
+            for i, r in enumerate(active):  # the teacher-forced (and padded) columns this row did not take
+                mask[i, eot + int(accepted[r]) + 1 :] = 0
             cache.previous_attention_mask = mask
             while active:
                 ids = torch.tensor([generated[r][-1] for r in active], device=model.device)
@@ -352,28 +421,44 @@ class PairPatcher:
                         cache = select_rows(cache, torch.tensor(keep, device=model.device))
         return [torch.tensor(g, dtype=torch.long) for g in generated]
 
-    def _results(self, rows, logits: Tensor, latents: Tensor, answers: list[Tensor], store, start: int) -> list[PatchResult]:
-        corrupted, model = self.corrupted, self.model
-        answer_rel = corrupted.answer_position - self.eot
-        before = [p for p in self.capture_positions if p < start]  # unpatched: the corrupted run's own
-        per_name: dict[str, Tensor] = {}
-        for name in self.capture_names:
-            parts_pos = list(before)
-            parts = [corrupted.cache[name][0][before][None].expand(len(rows), *([-1] * (corrupted.cache[name].dim() - 1)))] if before else []
-            for positions, values in store[name]:
-                parts_pos += positions
-                parts.append(values)
-            values = torch.cat(parts, dim=1)
-            order = sorted(range(len(parts_pos)), key=parts_pos.__getitem__)
-            per_name[name] = values[:, order]
+    def _results(self, rows: Sequence[_Row], logits: Tensor, latents: Tensor, answers: list[Tensor], store, start: int) -> list[PatchResult]:
+        """PatchResults; captured activations before column `start` are the corrupted run's own."""
+        model = self.model
+        captured = {name: (pieces[0][0], torch.cat([v for _, v in pieces], dim=1)) for name, pieces in store.items() if pieces}
         results = []
-        for r, ids in enumerate(answers):
+        for r, (row, ids) in enumerate(zip(rows, answers)):
+            pair = row.pair
             text = model.tokenizer.decode(ids, skip_special_tokens=True)
             lat = latents[r].cpu()
-            gen = Generation(corrupted.generation.question_ids, lat, ids, text, extract_answer(text))
-            cache = PositionCache({n: v[r] for n, v in per_name.items()}, self.capture_positions, self.seq_len) if self.capture_names else None
-            results.append(PatchResult(answer_logits=logits[r, answer_rel], next_logits=logits[r, -1], latents=lat, cache=cache, generation=gen))
+            gen = Generation(pair.corrupted.generation.question_ids, lat, ids, text, extract_answer(text))
+            cache = None
+            if self.capture_names:
+                values = {}
+                for name in self.capture_names:
+                    parts = []
+                    for p in pair.capture_positions:
+                        col = p + row.offset
+                        if col < start:
+                            parts.append(pair.corrupted.cache[name][0, p])
+                        else:
+                            first, acts = captured[name]
+                            parts.append(acts[r, col - first])
+                    values[name] = torch.stack(parts)
+                cache = PositionCache(values, pair.capture_positions, pair.seq_len)
+            tail = pair.n_tail
+            answer_rel = pair.corrupted.answer_position - pair.eot
+            results.append(PatchResult(answer_logits=logits[r, answer_rel], next_logits=logits[r, tail - 1], latents=lat, cache=cache, generation=gen))
         return results
+
+
+def _right_padded(chunks: Sequence[Tensor], length: int) -> tuple[Tensor, Tensor]:
+    """Stack [n_i, d] chunks into [b, length, d] with zeros after each, and the mask [b, length]."""
+    out = torch.zeros(len(chunks), length, chunks[0].shape[-1], dtype=chunks[0].dtype, device=chunks[0].device)
+    mask = torch.zeros(len(chunks), length, dtype=torch.long)
+    for r, c in enumerate(chunks):
+        out[r, : c.shape[0]] = c
+        mask[r, : c.shape[0]] = 1
+    return out, mask
 
 
 def _writer(ix: dict[str, Tensor], full: Tensor | None, head: Tensor | None):
@@ -402,5 +487,5 @@ def run_patched_batch(
     max_new_tokens: int = 16,
 ) -> list[PatchResult]:
     """`run_patched` for many jobs of one pair at once (see the module docstring)."""
-    patcher = PairPatcher(model, corrupted, clean, capture=capture, capture_positions=capture_positions, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    patcher = BatchPatcher(model, [(corrupted, clean)], capture=capture, capture_positions=[capture_positions], batch_size=batch_size, max_new_tokens=max_new_tokens)
     return patcher.run(jobs)

@@ -42,6 +42,8 @@ from interp.patching import STRATEGIES, PatchResult, Site, check_aligned, latent
 HOOK_FAMILIES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 KINDS = ("single", "all", "cumulative")
 ENGINES = ("fast", "naive")
+#: the fast engine batches the units of up to this many pairs together (their traces are held meanwhile)
+MAX_GROUP_PAIRS = 32
 VALIDITY_TOL = 1e-3
 
 
@@ -168,22 +170,21 @@ def run_unit(model: CodiModel, pt: PairTraces, unit: Unit, config: SweepConfig) 
     return unit_rows(pt, unit, config, results)
 
 
-def fast_patcher(model: CodiModel, pt: PairTraces, config: SweepConfig, batch_size: int | None = None):
-    """The batched engine for one pair, recording what `score` reads (the family at the similarity positions)."""
-    from interp.fast import PairPatcher
+def fast_patcher(model: CodiModel, group: Sequence[PairTraces], config: SweepConfig, batch_size: int | None = None):
+    """The batched engine over a group of pairs, recording what `score` reads (the family at the similarity positions)."""
+    from interp.fast import BatchPatcher
 
-    sim_pos, _ = similarity_positions(pt.corrupted)
-    return PairPatcher(model, pt.corrupted, pt.clean, capture=config.family, capture_positions=sim_pos, batch_size=batch_size)
+    positions = [similarity_positions(pt.corrupted)[0] for pt in group]
+    return BatchPatcher(model, [(pt.corrupted, pt.clean) for pt in group], capture=config.family, capture_positions=positions, batch_size=batch_size)
 
 
-def run_units_fast(model: CodiModel, pt: PairTraces, batch: Sequence[Unit], config: SweepConfig, patcher=None) -> list[list[dict[str, Any]]]:
-    """`run_unit` for several units of one pair through the batched engine: the rows of each unit."""
+def run_units_fast(patcher, group: Sequence[PairTraces], batch: Sequence[tuple[int, Unit]], config: SweepConfig) -> list[list[dict[str, Any]]]:
+    """`run_unit` for (index in group, unit) items through the batched engine: the rows of each unit."""
     from interp.fast import Job
 
-    patcher = patcher or fast_patcher(model, pt, config)
-    jobs = [Job((latent_sites(pt.corrupted, config.hook_name(u.layer), u.latents),), s) for u in batch for s in config.strategies]
+    jobs = [Job((latent_sites(group[g].corrupted, config.hook_name(u.layer), u.latents),), s, pair=g) for g, u in batch for s in config.strategies]
     results = iter(patcher.run(jobs))
-    return [unit_rows(pt, u, config, {s: next(results) for s in config.strategies}) for u in batch]
+    return [unit_rows(group[g], u, config, {s: next(results) for s in config.strategies}) for g, u in batch]
 
 
 def unit_rows(pt: PairTraces, unit: Unit, config: SweepConfig, results: dict[str, PatchResult]) -> list[dict[str, Any]]:
@@ -352,7 +353,17 @@ def run_sweep(
     by_pair: dict[int, list[Unit]] = {}
     for unit in remaining:
         by_pair.setdefault(unit.pair_index, []).append(unit)
-    for pair_index, pair_units in by_pair.items():  # one pair's traces at a time: memory stays flat
+
+    def land(unit_rows_list: list[list[dict[str, Any]]]) -> None:
+        for rows in unit_rows_list:  # each unit lands whole or not at all
+            append_jsonl(results_path, rows)
+            if logger is not None:
+                logger({f"{r['strategy']}/{r['kind']}/normalized_effect": r["normalized_effect"] for r in rows})
+            bar.update(len(rows))
+
+    group: list[PairTraces] = []  # fast engine: pairs traced so far and not yet run, batched together
+    group_units: list[tuple[int, Unit]] = []
+    for n, (pair_index, pair_units) in enumerate(by_pair.items()):
         pt = trace_pair(model, pairs[pair_index])
         if pt.pair.id not in checked:
             report = validity_checks(model, pt)
@@ -362,22 +373,19 @@ def run_sweep(
                 failed = [k for k, c in report["checks"].items() if not c["passed"]]
                 tqdm.write(f"VALIDITY CHECK FAILED for pair {pt.pair.id}: {', '.join(failed)}")
         if config.engine == "naive":
-            batches = [[u] for u in pair_units]
-        else:
-            patcher = fast_patcher(model, pt, config)
+            for unit in pair_units:
+                land([run_unit(model, pt, unit, config)])
+            continue
+        group_units += [(len(group), u) for u in pair_units]
+        group.append(pt)
+        patcher = fast_patcher(model, group, config)
+        full = len(group_units) >= patcher.batch_size or len(group) == MAX_GROUP_PAIRS  # a batch's worth of rows per strategy
+        if full or n == len(by_pair) - 1:
             # units that patch only late latents share batches that start late (less to recompute)
-            pair_units = sorted(pair_units, key=lambda u: (min(u.latents), u.layer, u.kind, u.latents))
-            batches = [pair_units[i : i + patcher.batch_size] for i in range(0, len(pair_units), patcher.batch_size)]
-        for batch in batches:
-            if config.engine == "naive":
-                unit_rows_list = [run_unit(model, pt, batch[0], config)]
-            else:
-                unit_rows_list = run_units_fast(model, pt, batch, config, patcher)
-            for rows in unit_rows_list:  # each unit lands whole or not at all
-                append_jsonl(results_path, rows)
-                if logger is not None:
-                    logger({f"{r['strategy']}/{r['kind']}/normalized_effect": r["normalized_effect"] for r in rows})
-                bar.update(len(rows))
+            group_units.sort(key=lambda gu: (min(gu[1].latents), gu[1].layer, gu[1].kind, gu[1].latents, gu[0]))
+            for i in range(0, len(group_units), patcher.batch_size):
+                land(run_units_fast(patcher, group, group_units[i : i + patcher.batch_size], config))
+            group, group_units = [], []  # memory stays flat: at most MAX_GROUP_PAIRS pairs' traces at a time
     bar.close()
     summary = summarize(read_jsonl(results_path), read_jsonl(validity_path), config)
     atomic_write_json(out / "summary.json", summary)

@@ -12,7 +12,7 @@ import torch
 
 from interp.data.arithmetic import arithmetic_pairs
 from interp.data import align
-from interp.fast import Job, PairPatcher
+from interp.fast import BatchPatcher, Job
 from interp.metrics import cache_similarity
 from interp.patching import latent_sites, run_patched
 from interp.sweep import similarity_positions, trace_pair
@@ -31,34 +31,37 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("strategy", ["parallel", "iterative"])
-def test_fast_matches_reference_on_smollm2(smol_codi, strategy):
+MAX_NEW = 6  # decode steps (the random-LoRA model never emits eos; the decode path is the same at any length)
+
+
+@pytest.fixture(scope="module")
+def traces(smol_codi):
+    """Two aligned pairs whose questions tokenize to different lengths, traced."""
     _, model, _, _ = smol_codi
     pairs = [a.pair for a in align(arithmetic_pairs(12, steps=(3, 6), seed=7), model.tokenizer)]
-    traces, lengths = [], set()
-    for pair in pairs:  # two pairs of different question lengths
-        pt = trace_pair(model, pair)
-        if pt.corrupted.seq_len not in lengths:
-            lengths.add(pt.corrupted.seq_len)
-            traces.append(pt)
-        if len(traces) == 2:
-            break
-    assert len(lengths) == 2
-    for pt in traces:
-        c = pt.corrupted
-        sim_pos, _ = similarity_positions(c)
-        jobs = [Job((latent_sites(c, hook, lat, head),), strategy) for hook, head, lat in CASES]
-        results = PairPatcher(model, c, pt.clean, capture="hook_resid_post", capture_positions=sim_pos, batch_size=5).run(jobs)
-        for job, fast in zip(jobs, results):
-            ref = run_patched(model, c, pt.clean, job.sites, strategy)
-            scale = float(ref.answer_logits.abs().max())
-            assert (fast.answer_logits - ref.answer_logits).abs().max() < 1e-5 * scale, job
-            assert (fast.next_logits - ref.next_logits).abs().max() < 1e-5 * scale, job
-            assert (fast.latents.cpu() - ref.latents.cpu()).abs().max() < 1e-5 * float(ref.latents.abs().max()), job
-            assert fast.generation.answer_ids.tolist() == ref.generation.answer_ids.tolist(), job
-            a = cache_similarity(fast.cache, pt.clean.cache, "hook_resid_post", sim_pos)
-            b = cache_similarity(ref.cache, pt.clean.cache, "hook_resid_post", sim_pos)
-            assert (a["cos"] - b["cos"]).abs().max() < 1e-5 and (a["rel_l2"] - b["rel_l2"]).abs().max() < 1e-5, job
+    by_length = {len(model.tokenizer(p.corrupted_question)["input_ids"]): p for p in pairs}
+    assert len(by_length) >= 2
+    return [trace_pair(model, by_length[n]) for n in (min(by_length), max(by_length))]
+
+
+@pytest.mark.parametrize("strategy", ["parallel", "iterative"])
+def test_fast_matches_reference_on_smollm2(smol_codi, traces, strategy):
+    _, model, _, _ = smol_codi
+    assert traces[0].corrupted.latent_positions[0] != traces[1].corrupted.latent_positions[0]
+    positions = [similarity_positions(pt.corrupted)[0] for pt in traces]
+    jobs = [Job((latent_sites(pt.corrupted, hook, lat, head),), strategy, pair=i) for hook, head, lat in CASES for i, pt in enumerate(traces)]
+    patcher = BatchPatcher(model, [(pt.corrupted, pt.clean) for pt in traces], capture="hook_resid_post", capture_positions=positions, batch_size=5, max_new_tokens=MAX_NEW)
+    for job, fast in zip(jobs, patcher.run(jobs)):  # batches of 5 rows mix the two pairs
+        pt = traces[job.pair]
+        ref = run_patched(model, pt.corrupted, pt.clean, job.sites, strategy, max_new_tokens=MAX_NEW)
+        scale = float(ref.answer_logits.abs().max())
+        assert (fast.answer_logits - ref.answer_logits).abs().max() < 1e-5 * scale, job
+        assert (fast.next_logits - ref.next_logits).abs().max() < 1e-5 * scale, job
+        assert (fast.latents.cpu() - ref.latents.cpu()).abs().max() < 1e-5 * float(ref.latents.abs().max()), job
+        assert fast.generation.answer_ids.tolist() == ref.generation.answer_ids.tolist(), job
+        a = cache_similarity(fast.cache, pt.clean.cache, "hook_resid_post", positions[job.pair])
+        b = cache_similarity(ref.cache, pt.clean.cache, "hook_resid_post", positions[job.pair])
+        assert (a["cos"] - b["cos"]).abs().max() < 1e-5 and (a["rel_l2"] - b["rel_l2"]).abs().max() < 1e-5, job
 
 
 def test_fast_matches_reference_in_float64(smol_codi):
@@ -70,8 +73,8 @@ def test_fast_matches_reference_in_float64(smol_codi):
     pair = [a.pair for a in align(arithmetic_pairs(4, seed=7), model.tokenizer)][0]
     pt = trace_pair(model, pair)
     c = pt.corrupted
-    jobs = [Job((latent_sites(c, hook, lat, head),), s) for hook, head, lat in CASES[:4] for s in ("parallel", "iterative")]
-    for job, fast in zip(jobs, PairPatcher(model, c, pt.clean, batch_size=8).run(jobs)):
-        ref = run_patched(model, c, pt.clean, job.sites, job.strategy)
+    jobs = [Job((latent_sites(c, hook, lat, head),), s) for hook, head, lat in CASES[:3] for s in ("parallel", "iterative")]
+    for job, fast in zip(jobs, BatchPatcher(model, [(c, pt.clean)], batch_size=8, max_new_tokens=MAX_NEW).run(jobs)):
+        ref = run_patched(model, c, pt.clean, job.sites, job.strategy, max_new_tokens=MAX_NEW)
         assert (fast.answer_logits - ref.answer_logits).abs().max() < 1e-9, job
         assert fast.generation.answer_ids.tolist() == ref.generation.answer_ids.tolist()

@@ -11,7 +11,7 @@ import torch
 
 from interp import load_codi
 from interp.data.arithmetic import arithmetic_pairs
-from interp.fast import Job, PairPatcher, PositionCache, choose_batch_size, expand_cache, run_patched_batch
+from interp.fast import BatchPatcher, Job, PositionCache, choose_batch_size, expand_cache, run_patched_batch
 from interp.model import fast_layout
 from interp.metrics import cache_similarity
 from interp.patching import PatchError, Site, latent_sites, run_patched
@@ -71,7 +71,7 @@ def test_batches_mixing_hooks_and_latent_sets_match_reference(model, pair_traces
     jobs = [Job((latent_sites(c, hook, lat, head),), strategy) for i, (hook, head) in enumerate(HOOKS) for lat in LATENT_SETS[i % 2 :: 2]]
     jobs.append(Job((), strategy))  # patching nothing
     jobs.append(Job((latent_sites(c, "blocks.0.hook_resid_post", (1,)), latent_sites(c, "blocks.2.attn.hook_z", (4,), 0)), strategy))
-    fast = PairPatcher(model, c, pt.clean, capture=family, capture_positions=sim_pos, batch_size=7, max_new_tokens=MAX_NEW).run(jobs)
+    fast = BatchPatcher(model, [(c, pt.clean)], capture=family, capture_positions=[sim_pos], batch_size=7, max_new_tokens=MAX_NEW).run(jobs)
     for job, result in zip(jobs, fast):
         assert_same(model, result, reference(model, c, pt.clean, job), pt.clean, family, sim_pos)
 
@@ -86,18 +86,24 @@ def test_batch_size_does_not_change_results(model, pair_traces):
         assert a.generation.answer_ids.tolist() == b.generation.answer_ids.tolist()
 
 
-def test_pairs_of_different_lengths(model):
-    """Batches are built per pair; pairs whose questions tokenize to different lengths each match the reference."""
+def test_batches_mixing_pairs_of_different_lengths(model):
+    """Rows of three pairs whose questions (and answers) tokenize to different lengths share batches
+    (left-padded prompts, right-padded tails); each row matches its own pair's reference."""
     pairs = sorted(arithmetic_pairs(12, steps=(2, 6), seed=11), key=lambda p: len(p.corrupted_question))
     traces = [trace_pair(model, p) for p in (pairs[0], pairs[len(pairs) // 2], pairs[-1])]
-    assert len({pt.corrupted.seq_len for pt in traces}) == 3
-    for pt in traces:
-        c = pt.corrupted
-        sim_pos, _ = similarity_positions(c)
-        jobs = [Job((latent_sites(c, h, lat),), s) for h, lat in [("blocks.0.hook_resid_post", (0,)), ("blocks.2.hook_mlp_out", (4,)), ("blocks.1.hook_resid_post", (0, 1, 2, 3, 4, 5))] for s in ("parallel", "iterative")]
-        results = run_patched_batch(model, c, pt.clean, jobs, capture="hook_resid_post", capture_positions=sim_pos, batch_size=5, max_new_tokens=MAX_NEW)
-        for job, result in zip(jobs, results):
-            assert_same(model, result, reference(model, c, pt.clean, job), pt.clean, "hook_resid_post", sim_pos)
+    assert len({pt.corrupted.latent_positions[0] for pt in traces}) == 3
+    sites = [("blocks.0.hook_resid_post", (0,)), ("blocks.2.hook_mlp_out", (4,)), ("blocks.1.hook_resid_post", (0, 1, 2, 3, 4, 5)), ("blocks.1.hook_resid_pre", (2,))]
+    jobs = [Job((latent_sites(pt.corrupted, h, lat),), s, pair=i) for h, lat in sites for s in ("parallel", "iterative") for i, pt in enumerate(traces)]
+    positions = [similarity_positions(pt.corrupted)[0] for pt in traces]
+    patcher = BatchPatcher(model, [(pt.corrupted, pt.clean) for pt in traces], capture="hook_resid_post", capture_positions=positions, batch_size=5, max_new_tokens=MAX_NEW)
+    results = patcher.run(jobs)
+    for job, result in zip(jobs, results):
+        pt = traces[job.pair]
+        assert_same(model, result, reference(model, pt.corrupted, pt.clean, job), pt.clean, "hook_resid_post", positions[job.pair])
+    with pytest.raises(PatchError, match="pair 3"):
+        patcher.run([Job((), "parallel", pair=3)])
+    with pytest.raises(PatchError, match="one list per pair"):
+        BatchPatcher(model, [(pt.corrupted, pt.clean) for pt in traces], capture="hook_resid_post", capture_positions=positions[:1])
 
 
 def test_sites_before_the_latents_fall_back_and_leave_the_traces_alone(model, pair_traces):
@@ -106,7 +112,7 @@ def test_sites_before_the_latents_fall_back_and_leave_the_traces_alone(model, pa
     before = c.input_embeds.clone(), pt.clean.input_embeds.clone()
     every = Site("blocks.0.hook_resid_pre", tuple(range(c.seq_len)))
     jobs = [Job((every,), "parallel"), Job((every,), "iterative"), Job((latent_sites(c, "blocks.1.hook_resid_post", (2,)),), "iterative")]
-    patcher = PairPatcher(model, c, pt.clean, max_new_tokens=MAX_NEW)
+    patcher = BatchPatcher(model, [(c, pt.clean)], max_new_tokens=MAX_NEW)
     assert [patcher.fast_path(j) for j in jobs] == [False, False, True]
     results = patcher.run(jobs)
     assert torch.equal(c.input_embeds, before[0]) and torch.equal(pt.clean.input_embeds, before[1])
@@ -118,7 +124,7 @@ def test_sites_before_the_latents_fall_back_and_leave_the_traces_alone(model, pa
 
 def test_bad_jobs_raise(model, pair_traces):
     c = pair_traces.corrupted
-    patcher = PairPatcher(model, c, pair_traces.clean)
+    patcher = BatchPatcher(model, [(c, pair_traces.clean)])
     with pytest.raises(PatchError, match="unknown strategy"):
         patcher.run([Job((), "sideways")])
     with pytest.raises(PatchError, match="unknown hook"):
@@ -126,7 +132,7 @@ def test_bad_jobs_raise(model, pair_traces):
     with pytest.raises(PatchError, match="out of range"):
         patcher.run([Job((Site("blocks.1.hook_resid_post", (c.seq_len + 3,)),), "parallel")])
     with pytest.raises(PatchError, match="capture positions"):
-        PairPatcher(model, c, pair_traces.clean, capture="hook_resid_post", capture_positions=[0])
+        BatchPatcher(model, [(c, pair_traces.clean)], capture="hook_resid_post", capture_positions=[[0]])
 
 
 @pytest.mark.parametrize("stop", [False, True])
@@ -148,7 +154,7 @@ def test_decode_reuses_the_teacher_forced_prefix_where_the_model_follows_it(mode
     clean = dataclasses.replace(clean, cache=ActivationCache(other, m.model))
     jobs = [Job((latent_sites(corrupted, f"blocks.{l}.hook_resid_post", lat),), s) for l, lat in [(0, (0,)), (1, (4,)), (0, (5,)), (1, (0, 1, 2, 3, 4, 5))] for s in ("parallel", "iterative")]
     jobs.append(Job((), "parallel"))
-    patcher = PairPatcher(m, corrupted, clean, batch_size=8, max_new_tokens=8)
+    patcher = BatchPatcher(m, [(corrupted, clean)], batch_size=8, max_new_tokens=8)
     results = patcher.run(jobs)
     unpatched = results[-1].generation.answer_ids.tolist()
     assert unpatched == (ids[:2] if stop else ids[:8])
@@ -162,13 +168,13 @@ def test_decode_reuses_the_teacher_forced_prefix_where_the_model_follows_it(mode
 
 
 def test_run_sweep_fast_and_naive_engines_write_the_same_rows(model, tmp_path):
-    pairs = arithmetic_pairs(1, seed=5)
+    pairs = arithmetic_pairs(2, seed=5)  # the fast engine batches both pairs' units together
     base = dict(kinds=("single", "all"), layers=(1,), bootstrap=50)
     run_sweep(model, pairs, tmp_path / "naive", SweepConfig(engine="naive", **base), progress=False)
     run_sweep(model, pairs, tmp_path / "fast", SweepConfig(engine="fast", **base), progress=False)
     naive = {r["test_id"]: r for r in read_jsonl(tmp_path / "naive" / "results.jsonl")}
     fast = {r["test_id"]: r for r in read_jsonl(tmp_path / "fast" / "results.jsonl")}
-    assert set(naive) == set(fast) and len(fast) == 7 * 2
+    assert set(naive) == set(fast) and len(fast) == 2 * 7 * 2
     for tid, a in naive.items():
         b = fast[tid]
         assert set(a) == set(b)
