@@ -43,7 +43,7 @@ HOOK_FAMILIES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 KINDS = ("single", "all", "cumulative")
 ENGINES = ("fast", "naive")
 #: the fast engine batches the units of up to this many pairs together (their traces are held meanwhile)
-MAX_GROUP_PAIRS = 32
+MAX_GROUP_PAIRS = 16
 VALIDITY_TOL = 1e-3
 
 
@@ -275,19 +275,16 @@ def append_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def versions() -> dict[str, str]:
-    import transformer_lens
-    import transformers
+    """Installed versions of what a result depends on (package metadata: transformer-lens has no __version__)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    import interp
-
-    return {
-        "interp": getattr(interp, "__version__", "0.1.0"),
-        "torch": torch.__version__,
-        "transformer_lens": getattr(transformer_lens, "__version__", "unknown"),
-        "transformers": transformers.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-    }
+    out = {"python": platform.python_version()}
+    for dist in ("interp", "torch", "transformer-lens", "transformers", "numpy"):
+        try:
+            out[dist.replace("-", "_")] = version(dist)
+        except PackageNotFoundError:
+            out[dist.replace("-", "_")] = "not installed"
+    return out
 
 
 # ----------------------------------------------------------------------------- the sweep

@@ -52,7 +52,7 @@ def test_interrupted_sweep_resumes_without_loss_or_repetition(model, tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["n_tests"] == 12 and summary["validity"]["n_failed"] == 0
     run = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert run["versions"]["torch"] and run["config"]["layers"] == [1] and "finished" in run
+    assert run["versions"]["torch"].startswith(torch.__version__.split("+")[0]) and run["versions"]["transformer_lens"][0].isdigit() and run["config"]["layers"] == [1] and "finished" in run
 
 
 def test_resume_refuses_other_config(model, tmp_path):
