@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from interp import load_codi
 from interp.data.arithmetic import arithmetic_pairs
