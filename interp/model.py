@@ -23,6 +23,8 @@ from transformer_lens import ActivationCache, HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.utilities import apply_softcap
 
+from interp.data.align import answer_ids, answer_text
+
 Hook = tuple[str, Callable]
 #: (chunk start, chunk length) -> hooks for that chunk; lets a caller write at absolute positions.
 ChunkHooks = Callable[[int, int], Sequence[Hook]]
@@ -34,11 +36,6 @@ def extract_answer(text: str) -> float | None:
     """The official CODI rule: the last number in the text, commas removed; None if there is none."""
     numbers = NUMBER_RE.findall(text.replace(",", ""))
     return float(numbers[-1]) if numbers else None
-
-
-def format_answer(value: float) -> str:
-    """18.0 -> "18", 2.5 -> "2.5": how an answer is written after the prefix."""
-    return str(int(value)) if float(value).is_integer() else str(value)
 
 
 @dataclass
@@ -196,15 +193,13 @@ class CodiModel:
 
     def answer_token_ids(self, answer: float | str) -> Tensor:
         """Token ids [n] of the answer as written after the prefix (" 18" -> " " + "18" on Llama-3)."""
-        text = answer if isinstance(answer, str) else format_answer(answer)
-        prefix = self.prefix_ids().tolist()
-        full = self.tokenizer(f"{self.answer_prefix} {text}", add_special_tokens=False)["input_ids"]
-        if full[: len(prefix)] != prefix:
+        ids = answer_ids(self.tokenizer, answer, self.answer_prefix)
+        if ids is None:
             raise ValueError(
-                f"the answer {text!r} changes how the prefix {self.answer_prefix!r} tokenizes; "
+                f"the answer {answer_text(answer)!r} changes how the prefix {self.answer_prefix!r} tokenizes; "
                 "the answer's tokens cannot be separated from the prefix"
             )
-        return torch.tensor(full[len(prefix) :], dtype=torch.long)
+        return torch.tensor(ids, dtype=torch.long)
 
     def embed(self, tokens: Tensor) -> Tensor:
         """Input embeddings [..., d_model] of token ids (rows of W_E)."""

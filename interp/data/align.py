@@ -43,19 +43,21 @@ class AlignedPair:
     first_diff: int
 
 
-def answer_text(value: float) -> str:
-    """How an answer is written after "The answer is: ": "18", not "18.0"; "2.5" stays."""
+def answer_text(value: float | str) -> str:
+    """How an answer is written after "The answer is: ": "18", not "18.0"; "2.5" stays; text as is."""
+    if isinstance(value, str):
+        return value
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
-def answer_ids(tokenizer: Any, value: float) -> tuple[int, ...] | None:
-    """The tokens of " <value>" as they tokenize after `ANSWER_PREFIX`, or None when the
-    tokenizer merges the prefix with the answer (the prefix tokens are then not a true prefix)."""
-    prefix = tokenizer(ANSWER_PREFIX, add_special_tokens=False)["input_ids"]
-    full = tokenizer(f"{ANSWER_PREFIX} {answer_text(value)}", add_special_tokens=False)["input_ids"]
-    if list(full[: len(prefix)]) != list(prefix):
+def answer_ids(tokenizer: Any, value: float | str, prefix: str = ANSWER_PREFIX) -> tuple[int, ...] | None:
+    """The tokens of " <value>" as they tokenize after `prefix`, or None when the tokenizer
+    merges the prefix with the answer (the prefix tokens are then not a true prefix)."""
+    prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    full = tokenizer(f"{prefix} {answer_text(value)}", add_special_tokens=False)["input_ids"]
+    if list(full[: len(prefix_ids)]) != list(prefix_ids):
         return None
-    return tuple(full[len(prefix) :])
+    return tuple(full[len(prefix_ids) :])
 
 
 def _overlaps(offset: tuple[int, int], span: tuple[int, int]) -> bool:
