@@ -32,3 +32,27 @@ def test_micro_training_round_trips_through_load_codi(tmp_path):
         theirs = student_generate(result.llama, result.prj, model.tokenizer, p.question, max_new_tokens=8)
         assert ours.answer_ids.tolist() == list(theirs.answer_ids)
         torch.testing.assert_close(ours.latents, torch.as_tensor(theirs.latents).reshape(ours.latents.shape), rtol=1e-4, atol=1e-5)
+
+
+def test_a_single_latent_patch_restores_exactly_the_steps_it_carries():
+    """The arithmetic chain predicts, without running any patch, which single-latent patches flip
+    the answer: the state at latent t is projected into latent t+1, which carries the running value
+    after the number in slot t+2 (latent 0 carries slots 0-1). So an iterative patch of latent t
+    restores the clean answer iff the changed number sits in a slot <= t+2; the last latent's state
+    feeds nothing. A parallel patch holds the fed latents, which carry the answer, and flips none."""
+    from interp.data import arithmetic_pairs, filter_by_model
+    from interp.patching import patch
+    from interp.sweep import trace_pair
+
+    model = load_default()
+    by_slot = {}
+    for pair in filter_by_model(model, arithmetic_pairs(60, seed=4), both=True):
+        by_slot.setdefault(pair.source["changed_slot"], pair)
+    assert sorted(by_slot) == list(range(7))
+    for slot, pair in sorted(by_slot.items()):
+        pt = trace_pair(model, pair)
+        for t in range(model.num_latents):
+            for strategy in ("parallel", "iterative"):
+                result = patch(model, pt.corrupted, pt.clean, "blocks.1.hook_resid_post", [t], strategy)
+                expected = strategy == "iterative" and t < model.num_latents - 1 and slot <= t + 2
+                assert (result.answer == pair.clean_answer) == expected, (slot, t, strategy, result.answer)
