@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
-from interp.model import CodiModel, Generation, Hook, Trace, extract_answer, fast_layout
+from interp.model import CodiModel, Generation, Hook, Trace, extract_answer
 from interp.patching import STRATEGIES, PatchError, PatchResult, Site, Strategy, check_aligned, check_hook, run_patched
 
 #: rows per forward pass at most, whatever the memory allows (beyond this CPUs gain nothing)
