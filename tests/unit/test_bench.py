@@ -28,3 +28,14 @@ def test_bench_refuses_bad_arguments():
         bench_main(["--model", "nonsense"])
     with pytest.raises(SystemExit):
         bench_main(["--checkpoint", "x"])
+
+
+def test_interp_bench_passes_its_options_through(capsys):
+    from interp.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--help"])
+    assert exit_info.value.code == 0 and "usage: interp bench" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--model", "nonsense"])
+    assert exit_info.value.code == 2 and "invalid choice: 'nonsense'" in capsys.readouterr().err
