@@ -318,7 +318,7 @@ def run_engine(name: str, model: CodiModel, traces, config, *, batch_size: int |
     """Run every test of the sweep (or the units in `only`) with one engine; returns the run and the
     max abs answer-logit diff vs `compare_logits`."""
     from interp.fast import Job
-    from interp.sweep import Unit, fast_patcher, unit_rows
+    from interp.sweep import Unit, batch_order, fast_patcher, unit_rows
 
     rows: dict[str, dict[str, Any]] = {}
     patch_s = flops = 0.0
@@ -330,7 +330,7 @@ def run_engine(name: str, model: CodiModel, traces, config, *, batch_size: int |
     t0 = time.perf_counter()
     if name == "fast":  # one engine over every pair: batches mix pairs, late-starting units together
         patcher = fast_patcher(model, traces, config, batch_size)
-        units.sort(key=lambda u: (min(u.latents), u.layer, u.kind, u.latents, u.pair_index))
+        units.sort(key=batch_order)
         batches = [units[i : i + patcher.batch_size] for i in range(0, len(units), patcher.batch_size)]
     else:
         batches = [[u] for u in units]

@@ -139,17 +139,15 @@ def fast_layout(model: "CodiModel", enable: bool = True) -> int:
                 continue
             inverse = tuple(sorted(range(len(perm)), key=perm.__getitem__))
             if enable:
-                storage = p.detach().permute(*inverse).contiguous()
                 if p.data.permute(*inverse).is_contiguous():
                     continue
-                p.data = storage.permute(*perm)
+                p.data = p.data.permute(*inverse).contiguous().permute(*perm)
             else:
                 if p.data.is_contiguous():
                     continue
                 p.data = p.data.contiguous()
             changed += 1
     return changed
-
 
 
 @dataclass

@@ -170,6 +170,12 @@ def run_unit(model: CodiModel, pt: PairTraces, unit: Unit, config: SweepConfig) 
     return unit_rows(pt, unit, config, results)
 
 
+def batch_order(unit: Unit) -> tuple:
+    """Sort key for the fast engine: units that patch only late latents share batches that start
+    late (less to recompute); ties by layer, latent set and pair."""
+    return (min(unit.latents), unit.layer, unit.kind, unit.latents, unit.pair_index)
+
+
 def fast_patcher(model: CodiModel, group: Sequence[PairTraces], config: SweepConfig, batch_size: int | None = None):
     """The batched engine over a group of pairs, recording what `score` reads (the family at the similarity positions)."""
     from interp.fast import BatchPatcher
@@ -378,8 +384,7 @@ def run_sweep(
         patcher = fast_patcher(model, group, config)
         full = len(group_units) >= patcher.batch_size or len(group) == MAX_GROUP_PAIRS  # a batch's worth of rows per strategy
         if full or n == len(by_pair) - 1:
-            # units that patch only late latents share batches that start late (less to recompute)
-            group_units.sort(key=lambda gu: (min(gu[1].latents), gu[1].layer, gu[1].kind, gu[1].latents, gu[0]))
+            group_units.sort(key=lambda gu: batch_order(gu[1]))
             for i in range(0, len(group_units), patcher.batch_size):
                 land(run_units_fast(patcher, group, group_units[i : i + patcher.batch_size], config))
             group, group_units = [], []  # memory stays flat: at most MAX_GROUP_PAIRS pairs' traces at a time
