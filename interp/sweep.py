@@ -14,6 +14,7 @@ Row schema (results.jsonl):
     latent indices), k (len(latents)), position ("latent[t]" for single, else null), strategy,
     logit_diff, clean_logit_diff, corrupted_logit_diff, normalized_effect, kl, flip,
     patched_answer, clean_answer, corrupted_answer,
+    changed_slot, clean_intermediates, corrupted_intermediates (the pair's, see `interp.data.Pair`),
     latent_cos (K floats: cosine of each fed latent with the clean run's latent),
     sim_positions (names), sim_cos / sim_rel_l2 ([n_layers][len(sim_positions)], patched vs clean
     for the hook family), and on iterative rows par_cos / par_rel_l2 (iterative vs parallel).
@@ -210,6 +211,9 @@ def unit_rows(pt: PairTraces, unit: Unit, config: SweepConfig, results: dict[str
             "position": f"latent[{unit.latents[0]}]" if unit.kind == "single" else None,
             "strategy": strategy,
             "sim_positions": sim_names,
+            "changed_slot": pt.pair.changed_slot,
+            "clean_intermediates": list(pt.pair.clean_intermediates),
+            "corrupted_intermediates": list(pt.pair.corrupted_intermediates),
             **score(pt, result, config.family, sim_pos),
         }
         if strategy == "iterative" and "parallel" in results:

@@ -156,6 +156,9 @@ def arithmetic_pairs(n: int, steps: int | tuple[int, int] = 6, seed: int = 0) ->
                     "corrupted_values": corrupted.values,
                     "changed_slot": slot,
                 },
+                clean_intermediates=tuple(float(v) for v in clean.values),
+                corrupted_intermediates=tuple(float(v) for v in corrupted.values),
+                changed_slot=slot,
             )
         )
     return pairs

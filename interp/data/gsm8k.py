@@ -512,6 +512,9 @@ def _pair_for_row(index: int, row: dict[str, str], split: str, seed: int, counts
                 source={"dataset": "gsm8k", "split": split, "index": index, "question": row["question"],
                         "answer": row["answer"], "number_index": c.number_index,
                         "chain": [dict(s) for s in c.chain]},
+                clean_intermediates=tuple(float(s["result"]) for s in c.chain),
+                corrupted_intermediates=tuple(float(s["corrupted_result"]) for s in c.chain),
+                changed_slot=c.number_index,
             )
     if furthest >= _CHANGE_STAGES.index("answer_unchanged"):
         counts["number_traced"] += 1

@@ -31,7 +31,14 @@ class NumberChange:
 
 @dataclass(frozen=True)
 class Pair:
-    """Two prompts that differ in one number and have different answers."""
+    """Two prompts that differ in one number and have different answers.
+
+    `clean_intermediates` / `corrupted_intermediates`: the value after each step of each side's
+    solution (the last one is the answer; empty when the source does not know them);
+    `changed_slot`: which number of the problem the corrupted side changed (the source's own
+    numbering: arithmetic 0 = x0 and i = operand i, GSM8K the question number's index,
+    three-step 0/1/2 = X/Y/Z), None when unknown.
+    """
 
     id: str
     clean_question: str
@@ -40,10 +47,14 @@ class Pair:
     corrupted_answer: float
     change: NumberChange
     source: dict[str, Any] = field(default_factory=dict)
+    clean_intermediates: tuple[float, ...] = ()
+    corrupted_intermediates: tuple[float, ...] = ()
+    changed_slot: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["change"]["span"] = list(self.change.span)
+        d["clean_intermediates"], d["corrupted_intermediates"] = list(self.clean_intermediates), list(self.corrupted_intermediates)
         return d
 
     @classmethod
@@ -57,7 +68,28 @@ class Pair:
             corrupted_answer=float(d["corrupted_answer"]),
             change=NumberChange(change["old"], change["new"], tuple(change["span"])),
             source=dict(d.get("source", {})),
+            **_intermediates(d),
         )
+
+
+def _intermediates(d: dict[str, Any]) -> dict[str, Any]:
+    """The intermediate-value fields of a pair record; files written before they existed carry
+    them in `source` (arithmetic: `clean_values`, `changed_slot`; GSM8K: `chain`, `number_index`)."""
+    if "clean_intermediates" in d:
+        slot = d.get("changed_slot")
+        return {"clean_intermediates": tuple(float(v) for v in d["clean_intermediates"]),
+                "corrupted_intermediates": tuple(float(v) for v in d.get("corrupted_intermediates", ())),
+                "changed_slot": None if slot is None else int(slot)}
+    source = d.get("source", {})
+    if "clean_values" in source:
+        return {"clean_intermediates": tuple(float(v) for v in source["clean_values"]),
+                "corrupted_intermediates": tuple(float(v) for v in source["corrupted_values"]),
+                "changed_slot": source.get("changed_slot")}
+    if "chain" in source:
+        return {"clean_intermediates": tuple(float(s["result"]) for s in source["chain"]),
+                "corrupted_intermediates": tuple(float(s["corrupted_result"]) for s in source["chain"]),
+                "changed_slot": source.get("number_index")}
+    return {}
 
 
 def save_pairs(path: str | Path, pairs: Iterable[Pair], meta: dict[str, Any]) -> None:
