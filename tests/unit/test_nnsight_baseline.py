@@ -1,0 +1,132 @@
+"""The nnsight peer baseline (benchmarks/baselines.py) against tests/reference.py on the tiny Llama-3.2 CODI.
+
+The reference recomputes every sequence in full with PyTorch forward hooks; the baseline runs nnsight
+traces with a KV cache. Both must give the same latents, answer logits and greedy answers.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("nnsight", reason="the nnsight baseline needs the bench extra: pip install -e '.[bench]'")
+
+from benchmarks.baselines import NnsightCodi, nnsight_patch, peft_codi
+from tests.reference import _replace_output, reference_patch
+
+TOL = 1e-4
+MAX_NEW = 4
+SITES = [(0, (0,)), (1, (2,)), (2, (5,)), (1, (0, 1, 2, 3, 4, 5)), (0, (1, 3))]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_codi):
+    ref, base, tokenizer, _ = tiny_codi
+    v = base.config.vocab_size
+    ids = {"bot": v + 1, "eot": v + 2, "eos": tokenizer.eos_token_id}
+    clean_ids = tokenizer("7 +5 *3 -2 *7 +4 -1").input_ids
+    corrupted_ids = tokenizer("7 +6 *3 -2 *7 +4 -1").input_ids
+    assert len(clean_ids) == len(corrupted_ids)
+    tail = tokenizer("The answer is:", add_special_tokens=False).input_ids
+    codi = NnsightCodi(ref.codi, ref.prj, bot_id=ids["bot"], eot_id=ids["eot"], eos_id=ids["eos"])
+    return ref, codi, ids, clean_ids, corrupted_ids, tail
+
+
+def reference_run(ref, ids, question, tail):
+    """(latents, answer ids, every layer's output [n_layers, seq, d], last logits) by full recompute."""
+    latents, answer = ref.generate(question, bot=ids["bot"], eot=ids["eot"], eos=ids["eos"], num_latents=6, max_new_tokens=MAX_NEW)
+    embeds = ref.sequence_embeds(question, latents, tail, bot=ids["bot"], eot=ids["eot"])
+    with torch.no_grad():
+        logits = ref.codi(inputs_embeds=embeds).logits[0, -1]
+    return latents, answer, torch.stack(ref.layer_outputs(embeds)), logits
+
+
+@torch.no_grad()
+def reference_patched_answer(ref, ids, question, latents, layer, positions, values):
+    """Greedy decode after eot with the patch hook on (full recompute per token)."""
+    embeds = ref.sequence_embeds(question, latents, [], bot=ids["bot"], eot=ids["eot"])
+    handle = _replace_output(ref.hf_model.model.layers[layer], positions, values)
+    answer: list[int] = []
+    try:
+        for _ in range(MAX_NEW):
+            answer.append(int(ref.codi(inputs_embeds=embeds).logits[0, -1, : ids["eot"]].argmax()))
+            if answer[-1] == ids["eos"]:
+                break
+            embeds = torch.cat([embeds, ref.embed(answer[-1:])], dim=1)
+    finally:
+        handle.remove()
+    return answer
+
+
+def test_unpatched_run_matches_reference(setup):
+    ref, codi, ids, clean_ids, _, tail = setup
+    latents, answer, outputs, logits = reference_run(ref, ids, clean_ids, tail)
+    run = codi.run(clean_ids, tail, max_new_tokens=MAX_NEW)
+    assert float((run.latents - latents).abs().max()) < TOL
+    assert float((run.layer_outputs - outputs).abs().max()) < TOL
+    assert float((run.logits - logits).abs().max()) < TOL
+    assert run.answer_ids == answer
+
+
+@pytest.mark.parametrize("strategy", ["parallel", "iterative"])
+def test_patch_matches_reference(setup, strategy):
+    ref, codi, ids, clean_ids, corrupted_ids, tail = setup
+    _, _, clean_outputs, _ = reference_run(ref, ids, clean_ids, tail)
+    corrupted_latents, _, _, corrupted_logits = reference_run(ref, ids, corrupted_ids, tail)
+    clean = codi.run(clean_ids, tail, max_new_tokens=MAX_NEW)
+    corrupted = codi.run(corrupted_ids, tail, max_new_tokens=MAX_NEW)
+    effects = []
+    for layer, latents in SITES:
+        positions = [len(corrupted_ids) + 1 + t for t in latents]
+        want_logits, want_latents = reference_patch(
+            ref, corrupted_ids, corrupted_latents, clean_outputs[layer], tail,
+            module="layer", layer=layer, positions=positions, strategy=strategy, bot=ids["bot"], eot=ids["eot"],
+        )
+        got = nnsight_patch(codi, corrupted_ids, corrupted.latents, clean.layer_outputs[layer], tail,
+                            layer=layer, latents=latents, strategy=strategy, max_new_tokens=MAX_NEW)
+        assert float((got.logits - want_logits).abs().max()) < TOL, (layer, latents)
+        assert float((got.latents - want_latents).abs().max()) < TOL, (layer, latents)
+        want_answer = reference_patched_answer(ref, ids, corrupted_ids, want_latents, layer, positions, clean_outputs[layer][positions])
+        assert got.answer_ids == want_answer, (layer, latents)
+        effects.append(float((got.logits - corrupted_logits).abs().max()))
+    assert max(effects) > 1e-3  # the patches are not no-ops
+
+
+def test_nothing_patched_and_all_patched(setup):
+    """Patching no latent reproduces the corrupted run; every latent at layer 0, iteratively, the clean latents."""
+    _, codi, _, clean_ids, corrupted_ids, tail = setup
+    clean = codi.run(clean_ids, tail, max_new_tokens=MAX_NEW)
+    corrupted = codi.run(corrupted_ids, tail, max_new_tokens=MAX_NEW)
+    for strategy in ("parallel", "iterative"):
+        none = nnsight_patch(codi, corrupted_ids, corrupted.latents, clean.layer_outputs[0], tail, layer=0, latents=(), strategy=strategy, max_new_tokens=MAX_NEW)
+        assert float((none.logits - corrupted.logits).abs().max()) < TOL
+        assert none.answer_ids == corrupted.answer_ids
+    last = codi.n_layers - 1
+    every = nnsight_patch(codi, corrupted_ids, corrupted.latents, clean.layer_outputs[last], tail, layer=last, latents=range(6), strategy="iterative")
+    assert float((every.latents[1:] - clean.latents[1:]).abs().max()) < TOL  # latent t+1 = prj(final state at t), now clean
+
+
+def test_peft_codi_loads_checkpoints(setup, tiny_codi):
+    _, codi, ids, clean_ids, _, tail = setup
+    _, base, _, paths = tiny_codi
+    want = codi.run(clean_ids, tail, max_new_tokens=MAX_NEW)
+    from safetensors.torch import load_file
+
+    for state in (torch.load(paths["bin"], weights_only=True), load_file(str(paths["safetensors"]))):
+        model, prj = peft_codi(state, base)
+        got = NnsightCodi(model, prj, bot_id=ids["bot"], eot_id=ids["eot"], eos_id=ids["eos"]).run(clean_ids, tail, max_new_tokens=MAX_NEW)
+        assert float((got.logits - want.logits).abs().max()) < TOL
+        assert got.answer_ids == want.answer_ids
+    with pytest.raises(ValueError, match="does not fit"):
+        peft_codi({**state, "codi.base_model.model.model.extra.weight": torch.zeros(1)}, base)
+
+
+def test_errors(setup):
+    _, codi, _, clean_ids, corrupted_ids, tail = setup
+    run = codi.run(clean_ids, tail, max_new_tokens=1)
+    with pytest.raises(ValueError, match="unknown strategy"):
+        nnsight_patch(codi, corrupted_ids, run.latents, run.layer_outputs[0], tail, layer=0, latents=(0,), strategy="both")
+    with pytest.raises(ValueError, match="out of range"):
+        nnsight_patch(codi, corrupted_ids, run.latents, run.layer_outputs[0], tail, layer=9, latents=(0,), strategy="parallel")
+    with pytest.raises(ValueError, match="out of range"):
+        nnsight_patch(codi, corrupted_ids, run.latents, run.layer_outputs[0], tail, layer=0, latents=(6,), strategy="parallel")
