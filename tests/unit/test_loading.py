@@ -193,7 +193,7 @@ def test_base_with_other_architecture(tiny_codi):
 
     ref, base, tok, paths = tiny_codi
     deeper = LlamaForCausalLM(base.config.__class__.from_dict({**base.config.to_dict(), "num_hidden_layers": 4}))
-    with pytest.raises(CheckpointError, match=r"does not match the base model's architecture \(4 layers, d_model 64\): missing keys: model.layers.3"):
+    with pytest.raises(CheckpointError, match=r"does not match the base model's architecture \(llama, 4 layers, d_model 64\): missing keys: model.layers.3"):
         load_codi(paths["bin"], (deeper, tok), device="cpu")
 
 
@@ -212,11 +212,11 @@ def test_unreadable_and_unsafe_files(tiny_codi, tmp_path):
         load_codi(tmp_path, (base, tok), device="cpu")
 
 
-def test_non_llama_base_is_refused(tiny_codi, tmp_path):
-    from transformers import GPT2Config
+def test_unsupported_base_type_is_refused(tiny_codi, tmp_path):
+    from transformers import BertConfig
 
     _, _, tok, paths = tiny_codi
-    GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path)
+    BertConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match="base model type is 'gpt2'; only LLaMA-architecture"):
+    with pytest.raises(CheckpointError, match="base model type is 'bert'; CODI bases of type 'llama', 'gpt2' load"):
         load_codi(paths["bin"], tmp_path, device="cpu")

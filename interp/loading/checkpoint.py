@@ -1,0 +1,274 @@
+"""Read a CODI checkpoint and check every key: split, finite values, LoRA merge, shapes, prj.
+
+A CODI checkpoint (see ../shared/CODI.md) is the state_dict of the whole CODI module: the language
+model under `codi.` (wrapped by peft when trained with LoRA: `codi.base_model.model.`, with
+`lora_A/lora_B.default` beside each target's `base_layer`) and the projection MLP under `prj.`.
+Every key is accounted for: a missing, unused, duplicated, mis-shaped or non-finite key is an error
+that names it. LoRA is merged (`W + alpha / r * B @ A`; transposed for GPT-2's `Conv1D`, whose
+weight is [in, out]) in float64 before anything is split or converted.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+if TYPE_CHECKING:
+    from interp.loading.architectures import Architecture
+
+CHECKPOINT_FILES = ("model.safetensors", "pytorch_model.bin")
+PEFT_PREFIX = "codi.base_model.model."
+PLAIN_PREFIX = "codi."
+LORA_RE = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)\.default\.weight$")
+BASE_LAYER_RE = re.compile(r"^(?P<module>.+)\.base_layer\.(?P<param>weight|bias)$")
+
+
+class CheckpointError(ValueError):
+    """A CODI checkpoint that does not match the base model or the CODI format."""
+
+
+def _fmt(keys: list[str] | set[str], limit: int = 8) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f", … ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def read_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file, or the single checkpoint file inside a directory.
+
+    `.bin` files are read with `weights_only=True` (no arbitrary code from pickles).
+    """
+    path = Path(checkpoint)
+    if path.is_dir():
+        found = [path / name for name in CHECKPOINT_FILES if (path / name).is_file()]
+        if not found:
+            raise CheckpointError(
+                f"no checkpoint in {path}: expected one of {', '.join(CHECKPOINT_FILES)}. "
+                "Pass the directory holding the CODI checkpoint, or the file itself."
+            )
+        if len(found) > 1:
+            raise CheckpointError(
+                f"{path} holds both {found[0].name} and {found[1].name}; pass the file you mean."
+            )
+        path = found[0]
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # the file is unreadable: say which one and why
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(
+            f"{path} does not hold a flat state_dict of tensors (got {type(state).__name__}); "
+            "save the CODI module's state_dict()"
+        )
+    return state
+
+
+def check_finite(state: dict[str, torch.Tensor]) -> None:
+    """Refuse a checkpoint with NaN or Inf in any floating-point tensor, naming the tensors."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(
+            f"non-finite values (NaN or Inf) in {_fmt(bad)}: the checkpoint is corrupt "
+            "(diverged training or a broken conversion); use another save of the model"
+        )
+
+
+def split_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Split a CODI state_dict into (language-model keys without their `codi.` prefix, prj keys)."""
+    lm, prj, stray = {}, {}, []
+    prefixes = {k.startswith(PEFT_PREFIX) for k in state if k.startswith(PLAIN_PREFIX)}
+    if len(prefixes) > 1:
+        raise CheckpointError(
+            "checkpoint mixes peft-wrapped keys (codi.base_model.model.…) with plain keys (codi.…); "
+            "it must be one or the other"
+        )
+    for key, value in state.items():
+        if key.startswith(PEFT_PREFIX):
+            lm[key[len(PEFT_PREFIX) :]] = value
+        elif key.startswith(PLAIN_PREFIX):
+            lm[key[len(PLAIN_PREFIX) :]] = value
+        elif key.startswith("prj."):
+            prj[key[len("prj.") :]] = value
+        else:
+            stray.append(key)
+    if stray:
+        raise CheckpointError(
+            f"unused keys outside codi.* and prj.*: {_fmt(stray)}. Is this a CODI checkpoint?"
+        )
+    if not lm:
+        raise CheckpointError("checkpoint holds no codi.* keys (the language model's weights)")
+    return lm, prj
+
+
+def merge_lora(lm: dict[str, torch.Tensor], lora_alpha: float, arch: Architecture) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Merge every LoRA pair into its base weight: W + (alpha / r) * B @ A ((B @ A).T for Conv1D).
+
+    lora_A is [r, in] and lora_B [out, r] for both module kinds; a Linear weight is [out, in], a
+    Conv1D weight [in, out]. Returns the merged weights under plain HF names, and
+    {"rank", "targets"} describing the LoRA (rank None when the checkpoint has no LoRA). The rank
+    must be the same for every module, and LoRA may wrap only the architecture's CODI targets.
+    """
+    merged: dict[str, torch.Tensor] = {}
+    lora: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    base_layers: dict[str, torch.Tensor] = {}
+    for key, value in lm.items():
+        if m := LORA_RE.match(key):
+            lora[m["module"]][m["kind"]] = value
+        elif m := BASE_LAYER_RE.match(key):
+            base_layers[f"{m['module']}.{m['param']}"] = value
+        else:
+            merged[key] = value
+    duplicated = set(base_layers) & set(merged)
+    if duplicated:
+        raise CheckpointError(
+            f"duplicated keys: both a base_layer and a plain weight for {_fmt(duplicated)}"
+        )
+    merged.update(base_layers)
+
+    incomplete = [f"{m}.{kind}.default.weight" for m, p in lora.items() for kind in ("lora_A", "lora_B") if kind not in p]
+    if incomplete:
+        raise CheckpointError(f"missing LoRA keys: {_fmt(incomplete)} (every lora_A needs its lora_B)")
+    without_base = [f"{m}.base_layer.weight" for m in lora if f"{m}.weight" not in base_layers]
+    if without_base:
+        raise CheckpointError(f"missing keys: {_fmt(without_base)} (LoRA modules need their base_layer weight)")
+    plain_on_lora = [k for k in base_layers if k.rsplit(".", 1)[0] not in lora]
+    if plain_on_lora:
+        raise CheckpointError(f"unused keys: base_layer weights without LoRA: {_fmt(plain_on_lora)}")
+    off_target = [m for m in lora if m.rsplit(".", 1)[-1] not in arch.lora_targets]
+    if off_target:
+        raise CheckpointError(
+            f"LoRA on modules that CODI does not wrap in a {arch.model_type} model: {_fmt(off_target)} "
+            f"(targets: {', '.join(arch.lora_targets)}). Is the base the checkpoint's own?"
+        )
+
+    ranks = {m: p["lora_A"].shape[0] for m, p in lora.items()}
+    if len(set(ranks.values())) > 1:
+        by_rank: dict[int, list[str]] = defaultdict(list)
+        for m, r in ranks.items():
+            by_rank[r].append(m)
+        detail = "; ".join(f"r={r}: {_fmt(ms, 3)}" for r, ms in sorted(by_rank.items()))
+        raise CheckpointError(f"LoRA rank differs between modules ({detail}); CODI uses one rank")
+    for module, p in lora.items():
+        a, b, w = p["lora_A"], p["lora_B"], merged[f"{module}.weight"]
+        out_in = tuple(w.shape[::-1]) if arch.conv1d else tuple(w.shape)
+        if a.ndim != 2 or b.ndim != 2 or w.ndim != 2 or b.shape[1] != a.shape[0] or (b.shape[0], a.shape[1]) != out_in:
+            layout = "Conv1D [in, out]" if arch.conv1d else "Linear [out, in]"
+            raise CheckpointError(
+                f"mis-shaped LoRA for {module}: lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}, "
+                f"base weight {tuple(w.shape)} ({layout}); expected lora_A (r, {out_in[1]}) and lora_B ({out_in[0]}, r)"
+            )
+        delta = b.double() @ a.double()  # [out, in]
+        if arch.conv1d:
+            delta = delta.T
+        merged[f"{module}.weight"] = (w.double() + (lora_alpha / a.shape[0]) * delta).to(w.dtype)
+    targets = sorted({m.rsplit(".", 1)[-1] for m in lora})
+    return merged, {"rank": next(iter(ranks.values()), None), "targets": targets}
+
+
+def expected_shapes(config: PretrainedConfig, arch: Architecture, vocab_rows: int) -> dict[str, tuple[int, ...]]:
+    """Every HF parameter name and shape of `arch.hf_class` on `config` with `vocab_rows` embeddings."""
+    config = type(config).from_dict({**config.to_dict(), "vocab_size": vocab_rows})
+    with torch.device("meta"):
+        model = arch.hf_class(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _looks_like(merged: dict[str, torch.Tensor]) -> str | None:
+    """The architecture whose embedding key the checkpoint holds (for the hint of a key mismatch)."""
+    from interp.loading.architectures import ARCHITECTURES
+
+    return next((a.model_type for a in ARCHITECTURES.values() if a.embed_key in merged), None)
+
+
+def check_lm_keys(merged: dict[str, torch.Tensor], config: PretrainedConfig, arch: Architecture) -> dict[str, torch.Tensor]:
+    """Check the merged LM weights against the base config; return them with lm_head filled in."""
+    vocab = config.vocab_size
+    expected = expected_shapes(config, arch, vocab + 3)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    merged = {k: v for k, v in merged.items() if not (arch.constant_buffers and k.endswith(arch.constant_buffers))}
+    if tied:  # lm_head is the embedding: absent (safetensors) or an identical copy (torch.save)
+        expected.pop("lm_head.weight", None)
+        head, emb = merged.pop("lm_head.weight", None), merged.get(arch.embed_key)
+        if head is not None and emb is not None and not (head.shape == emb.shape and torch.equal(head, emb)):
+            raise CheckpointError(
+                "the base ties input and output embeddings, but the checkpoint's lm_head.weight "
+                f"{tuple(head.shape)} differs from {arch.embed_key} {tuple(emb.shape)}"
+            )
+    missing = set(expected) - set(merged)
+    unused = set(merged) - set(expected)
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_fmt(missing)}")
+    if unused:
+        problems.append(f"unused keys: {_fmt(unused)}")
+    if problems:
+        seen = _looks_like(merged)
+        hint = (
+            f". The checkpoint holds a {seen} model but the base is {arch.model_type}: pass the base it was trained on"
+            if seen is not None and seen != arch.model_type
+            else ""
+        )
+        raise CheckpointError(
+            f"the checkpoint does not match the base model's architecture ({arch.model_type}, "
+            f"{config.num_hidden_layers} layers, d_model {config.hidden_size}): " + "; ".join(problems) + hint
+        )
+    misshaped = [
+        f"{k} {tuple(merged[k].shape)} (expected {shape})"
+        for k, shape in expected.items()
+        if tuple(merged[k].shape) != shape
+    ]
+    if misshaped:
+        hint = ""
+        rows = merged[arch.embed_key].shape[0]
+        if rows != vocab + 3:
+            hint = (
+                f" The embedding has {rows} rows; a CODI checkpoint has the base vocabulary "
+                f"({vocab}) + 3 (pad, bot, eot)."
+            )
+        raise CheckpointError(f"mis-shaped keys: {_fmt(misshaped, 5)}.{hint}")
+    if tied:
+        merged["lm_head.weight"] = merged[arch.embed_key]
+    return merged
+
+
+def build_prj(prj_state: dict[str, torch.Tensor], d_model: int) -> nn.Sequential:
+    """Rebuild CODI's projection: Dropout -> Linear(d, h) -> GELU -> Linear(h, d) [-> LayerNorm `ln`].
+
+    The hidden size h is read from the keys; the LayerNorm is present only if its keys are.
+    """
+    need = ["1.weight", "1.bias", "3.weight", "3.bias"]
+    missing = [f"prj.{k}" for k in need if k not in prj_state]
+    if missing:
+        raise CheckpointError(f"missing keys: {_fmt(missing)} (the projection MLP)")
+    hidden = prj_state["1.weight"].shape[0]
+    prj = nn.Sequential(nn.Dropout(0.0), nn.Linear(d_model, hidden), nn.GELU(), nn.Linear(hidden, d_model))
+    if "ln.weight" in prj_state or "ln.bias" in prj_state:
+        prj.add_module("ln", nn.LayerNorm(d_model))
+    expected = {k: tuple(v.shape) for k, v in prj.state_dict().items()}
+    unused = set(prj_state) - set(expected)
+    missing = set(expected) - set(prj_state)
+    if unused or missing:
+        parts = ([f"unused keys: {_fmt({'prj.' + k for k in unused})}"] if unused else []) + (
+            [f"missing keys: {_fmt({'prj.' + k for k in missing})}"] if missing else []
+        )
+        raise CheckpointError("projection keys do not match Linear-GELU-Linear[-LayerNorm]: " + "; ".join(parts))
+    misshaped = [
+        f"prj.{k} {tuple(prj_state[k].shape)} (expected {s})" for k, s in expected.items() if tuple(prj_state[k].shape) != s
+    ]
+    if misshaped:
+        raise CheckpointError(f"mis-shaped keys: {_fmt(misshaped, 5)} (d_model is {d_model})")
+    prj.load_state_dict(prj_state, strict=True)
+    return prj.eval()
