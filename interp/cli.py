@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 import torch
+
+from interp.runio import RunError, UsageError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -88,8 +90,13 @@ def sweep_config(args: argparse.Namespace):
     from interp.sweep import KINDS, SweepConfig
 
     strategies = ("parallel", "iterative") if args.strategy == "both" else (args.strategy,)
-    layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
-    kinds = tuple(args.kinds.split(",")) if args.kinds else KINDS
+    layers = None
+    if args.layers is not None:
+        try:
+            layers = tuple(int(x) for x in args.layers.split(","))
+        except ValueError:
+            raise UsageError(f"--layers {args.layers}: accepted: comma-separated layer numbers, e.g. 0,2,3") from None
+    kinds = tuple(args.kinds.split(",")) if args.kinds is not None else KINDS
     return SweepConfig(hook=args.hook, strategies=strategies, kinds=kinds, layers=layers, seed=args.seed, engine=args.engine)
 
 
@@ -104,13 +111,19 @@ def wandb_logger(args: argparse.Namespace, config) -> object | None:
     return run.log
 
 
-def run_patch_sweep(args: argparse.Namespace, model, pairs, provenance: dict) -> dict:
-    from interp.sweep import run_sweep
+def run_patch_sweep(args: argparse.Namespace, model, pairs, provenance: dict, pairs_meta: dict | None = None) -> dict:
+    """The sweep of `patch` and `run`: everything is checked before wandb or the run directory is touched.
+
+    `pairs_meta`, when given, saves the pairs to the run directory's pairs.json (under its lock).
+    """
+    from interp.sweep import check_sweep, run_sweep
 
     config = sweep_config(args)
     if args.quick:
         pairs = pairs[:5]
-    summary = run_sweep(model, pairs, args.out, config, provenance=provenance, logger=wandb_logger(args, config))
+    check_sweep(model, pairs, config)
+    summary = run_sweep(model, pairs, args.out, config, provenance=provenance, logger=wandb_logger(args, config),
+                        force_new=args.force_new, pairs_meta=pairs_meta)
     print(summary["verdict"])
     if summary["validity"]["n_failed"]:
         print(f"VALIDITY: {summary['validity']['n_failed']} pair(s) failed a check, see {Path(args.out) / 'summary.json'}")
@@ -119,9 +132,11 @@ def run_patch_sweep(args: argparse.Namespace, model, pairs, provenance: dict) ->
 
 def cmd_patch(args: argparse.Namespace) -> None:
     from interp.data import load_pairs
+    from interp.runio import check_output_dir
 
-    model = load_model(args)
+    check_output_dir(args.out)
     pairs, meta = load_pairs(args.pairs)
+    model = load_model(args)
     run_patch_sweep(args, model, pairs, {**model_provenance(args), "pairs_file": str(args.pairs), "pairs_meta": meta})
 
 
@@ -135,18 +150,17 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     """The main job: pairs -> patch sweep -> report, on the embedded model unless a checkpoint is given."""
-    from interp.data import load_pairs, save_pairs
+    from interp.data import load_pairs
     from interp.report import export_pngs, write_report
+    from interp.runio import check_output_dir
 
-    model = load_model(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(args.out)
     if args.pairs:
         pairs, meta = load_pairs(args.pairs)
-    else:
+    model = load_model(args)
+    if not args.pairs:  # built here and saved in the run directory once the sweep holds its lock
         pairs, meta = build_pairs(args, model)
-        save_pairs(out / "pairs.json", pairs, meta)
-    run_patch_sweep(args, model, pairs, {**model_provenance(args), "pairs_meta": meta})
+    run_patch_sweep(args, model, pairs, {**model_provenance(args), "pairs_meta": meta}, pairs_meta=None if args.pairs else meta)
     report = write_report(out)
     export_pngs(out)
     print(f"report: {report}")
@@ -179,18 +193,68 @@ def add_sweep_args(p: argparse.ArgumentParser, default_out: str | None) -> None:
     p.add_argument("--wandb", action="store_true", help="log to Weights & Biases (honours WANDB_MODE=offline)")
     p.add_argument("--engine", choices=["fast", "naive"], default="fast",
                    help="fast: prefix reuse + batched tests (interp.fast); naive: one test at a time. Same results")
+    p.add_argument("--force-new", action="store_true", help="wipe the run in --out (its results, run.json, summary, report) and start over")
 
 
 def add_pair_source_args(p: argparse.ArgumentParser, n: int) -> None:
     p.add_argument("--source", choices=["arithmetic", "gsm8k"], default="arithmetic")
-    p.add_argument("--n", type=int, default=n, help="number of pairs to keep")
+    p.add_argument("--n", type=positive_int, default=n, help="number of pairs to keep (1 or more)")
     p.add_argument("--gsm8k", default=None, help="GSM8K JSONL file or directory (default: the hub copy via `datasets`)")
     p.add_argument("--split", default="test")
     p.add_argument("--no-filter", dest="filter", action="store_false", help="keep pairs the model gets wrong")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; accepted: 1 or more") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}; accepted: 1 or more")
+    return value
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line on stderr (`interp CMD: error: ...`), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+def check_model_args(args: argparse.Namespace) -> None:
+    """The model arguments that can be checked without loading anything: UsageError, one line.
+
+    `--device`: cpu, cuda or cuda:N, and CUDA only where it is available; `--num-latents`: 1 or more,
+    and for the embedded model (no --checkpoint) only its own number, since it is trained with it;
+    `--base`: a local directory's config.json must be JSON.
+    """
+    import json
+    import re
+
+    if args.device is not None:
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+            raise UsageError(f"--device {args.device}: accepted: cpu, cuda, cuda:N")
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: CUDA is not available on this machine; accepted: cpu")
+    if args.num_latents is not None and args.num_latents < 1:
+        raise UsageError(f"--num-latents {args.num_latents}: accepted: 1 or more")
+    if args.checkpoint is None and args.base is None:
+        from interp.loading import EMBEDDED_DIR
+
+        trained = json.loads((EMBEDDED_DIR / "codi.json").read_text())["num_latents"]
+        if args.num_latents not in (None, trained):
+            raise UsageError(f"--num-latents {args.num_latents}: the embedded model is trained with {trained} latents; accepted: {trained}, or --checkpoint/--base for another model")
+    config = Path(args.base) / "config.json" if args.base is not None else None
+    if config is not None and config.is_file():
+        try:
+            json.loads(config.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--base {args.base}: {config} is not JSON ({exc}); accepted: a Hugging Face model directory") from None
+
+
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="interp", description=__doc__)
+    ap = OneLineParser(prog="interp", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="run the latent loop on one question")
@@ -243,10 +307,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         argv = ["bench", "--", *argv[1:]]
     args = parser().parse_args(argv)
     try:
+        if hasattr(args, "num_latents"):
+            check_model_args(args)
         args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError) as exc:  # usage: an argument or input file (UsageError, PatchError, ...)
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except (RunError, OSError) as exc:  # failure: a locked run directory, a full disk, an unreadable file
+        print(f"error: {exc}" + ("; rerun the same command to resume once fixed" if isinstance(exc, OSError) else ""), file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":
