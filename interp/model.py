@@ -1,14 +1,19 @@
 """`CodiModel`: the one place that runs the network.
 
-Sequence layout (absolute positions, one question of `q` tokens including BOS, K latents):
+Every forward pass goes through `CodiModel.forward`, which takes input embeddings (tokens are
+embedded with `W_E` first), so the question, the latents and the answer tokens are all fed the
+same way. Positions follow `interp.layout.SequenceLayout`:
 
-    [question tokens 0..q-1] [bot q] [latent[0] q+1 .. latent[K-1] q+K] [eot q+K+1] [answer prefix ...]
+    [question] [question suffix] [bot] [latent[0] .. latent[K-1]] [eot] [eot suffix] [answer prefix] [answer]
 
-Latent t's input embedding is `prj(h)` where `h` is the final-normed last-layer state (HF's
-`hidden_states[-1]`) at the previous position (bot for t = 0). Every forward pass goes through
-`CodiModel.forward`, which takes input embeddings (tokens are embedded with `W_E` first), so the
-question, the latents and the answer tokens are all fed the same way; hooks are TransformerLens
-hook names and see the activations of the chunk being run.
+The latent loop: latent 0's input embedding is `prj(h)` where `h` is the final-normed last-layer
+state (HF's `hidden_states[-1]`) at bot; latent t+1's is `prj` of the state at latent t. The loop
+runs one position per forward pass over a KV cache (`latent_steps`), the one greedy decode is
+`greedy_decode`; generation, traces and the patching engine all use these two.
+
+Hooks are TransformerLens hook names. A hook function sees the activations of the chunk being run;
+wrap it in `interp.at_positions(fn, positions)` to have it applied at absolute sequence positions,
+whichever chunk (prompt, one latent step, the answer) holds them.
 """
 
 from __future__ import annotations
@@ -24,9 +29,11 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.utilities import apply_softcap
 
 from interp.data.align import answer_ids, answer_text
+from interp.hooks import Hook, bind_hooks
+from interp.kvcache import select_rows
+from interp.layout import SequenceLayout
 
-Hook = tuple[str, Callable]
-#: (chunk start, chunk length) -> hooks for that chunk; lets a caller write at absolute positions.
+#: (chunk start column, chunk length) -> hooks for that chunk; lets a caller write at absolute positions.
 ChunkHooks = Callable[[int, int], Sequence[Hook]]
 
 NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
@@ -68,12 +75,12 @@ class Trace:
 
     input_embeds [seq, d_model] is what was fed at each position (latent positions hold the
     latents); tokens [seq] holds the token ids with -1 at latent positions. `cache` covers the
-    whole sequence (batch dimension 1). `answer_logits` [d_vocab] are the raw logits at
-    `answer_position`, the last prefix token, whose next token is the answer's first token.
-    `next_logits` [d_vocab] are the logits at the last position (they predict the first token
-    after everything teacher-forced: the answer's first differing token when the trace carries
-    the common prefix of two answers). `answer` is the freely decoded answer (greedy from eot,
-    the official rule).
+    whole sequence (batch dimension 1; the hooks kept by `names_filter`). `answer_logits` [d_vocab]
+    are the raw logits at `answer_position`, the last prefix token, whose next token is the
+    answer's first token. `next_logits` [d_vocab] are the logits at the last position (they
+    predict the first token after everything teacher-forced: the answer's first differing token
+    when the trace carries the common prefix of two answers). `answer` is the freely decoded
+    answer (greedy from eot, the official rule). `layout` names every position.
     """
 
     question: str
@@ -82,9 +89,7 @@ class Trace:
     latents: Tensor
     cache: ActivationCache
     answer_logits: Tensor
-    answer_position: int
-    latent_positions: list[int]
-    position_names: list[str]
+    layout: SequenceLayout
     generation: Generation
     next_logits: Tensor
     answer_ids: Tensor | None = None
@@ -95,20 +100,27 @@ class Trace:
 
     @property
     def seq_len(self) -> int:
-        return int(self.tokens.shape[0])
+        return self.layout.seq_len
+
+    @property
+    def answer_position(self) -> int:
+        return self.layout.answer_position
+
+    @property
+    def latent_positions(self) -> list[int]:
+        return self.layout.latent_positions
+
+    @property
+    def position_names(self) -> list[str]:
+        return self.layout.names
 
     @property
     def num_question_tokens(self) -> int:
-        return self.latent_positions[0] - 1
+        return self.layout.n_question
 
     def position(self, name: str) -> int:
         """Absolute position of a named position (`bot`, `latent[2]`, `eot`, `answer`, `q[0]`)."""
-        if name == "answer":
-            return self.answer_position
-        try:
-            return self.position_names.index(name)
-        except ValueError:
-            raise KeyError(f"no position named {name!r}; names are {self.position_names}") from None
+        return self.layout.position(name)
 
 
 #: parameter name suffix -> permutation from the contiguous storage TransformerLens's forward wants to
@@ -163,6 +175,12 @@ class CodiModel:
     num_latents: int = 6
     answer_prefix: str = "The answer is:"
     lora: dict[str, Any] = field(default_factory=dict)
+    #: tokens fed after the question, before bot ([eos] for checkpoints trained with remove_eos=False)
+    question_suffix_ids: tuple[int, ...] = ()
+    #: tokens fed after eot, before decoding ([eos] for checkpoints trained with remove_eos=False)
+    eot_suffix_ids: tuple[int, ...] = ()
+    #: how the model was loaded (checkpoint, base, lora_alpha, ...), for provenance
+    load_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         fast_layout(self)  # same values, bitwise the same results, no per-pass weight copies
@@ -217,17 +235,21 @@ class CodiModel:
         attention_mask: Tensor | None = None,
         fwd_hooks: Sequence[Hook] = (),
         with_cache: bool = False,
+        names_filter: Callable[[str], bool] | Sequence[str] | str | None = None,
         logit_positions: Sequence[int] | None = None,
+        start: int = 0,
+        offsets: Sequence[int] | None = None,
     ) -> ForwardOutput:
         """Run the network on input embeddings [batch, pos, d_model].
 
         With a KV cache, the chunk attends to everything cached before it. `attention_mask`
         [batch, pos] marks real positions of this chunk (left padding = 0); when a KV cache is
-        used it is appended to the cache's mask. User hooks run before the internal capture of
-        the final-normed state, so a hook that patches it changes what `prj` reads.
-        `logit_positions` (chunk-relative) unembeds only those positions: logits are then
-        [batch, len(logit_positions), d_vocab] (empty list: no unembedding at all); the same
-        modules run, so the values equal the full logits at those positions.
+        used it is appended to the cache's mask. `start` is the chunk's first column and
+        `offsets[r]` row r's left padding: hooks made with `interp.at_positions` are bound with
+        them. User hooks run before the internal capture of the final-normed state, so a hook that
+        patches it changes what `prj` reads. `logit_positions` (chunk-relative) unembeds only
+        those positions: logits are then [batch, len(logit_positions), d_vocab] (empty list: no
+        unembedding at all); the same modules run, so the values equal the full logits there.
         """
         if kv_cache is not None:
             chunk_mask = attention_mask if attention_mask is not None else torch.ones(embeds.shape[:2], dtype=torch.long)
@@ -237,120 +259,196 @@ class CodiModel:
         def grab_normalized(act: Tensor, hook) -> None:
             captured["normalized"] = act
 
-        hooks = list(fwd_hooks) + [("ln_final.hook_normalized", grab_normalized)]
+        hooks = bind_hooks(fwd_hooks, start, embeds.shape[1], offsets) + [("ln_final.hook_normalized", grab_normalized)]
         kwargs = dict(start_at_layer=0, past_kv_cache=kv_cache, attention_mask=attention_mask)
-        cache = None
         if logit_positions is not None:
             if with_cache:
                 raise ValueError("logit_positions and with_cache do not go together (the cache would lack ln_final)")
             kwargs["stop_at_layer"] = self.cfg.n_layers  # stop before ln_final and the unembedding
-        with self.model.hooks(fwd_hooks=hooks):
-            if with_cache:
-                logits, cache = self.model.run_with_cache(embeds, **kwargs)
-            else:
-                logits = self.model(embeds, **kwargs)
+        # the caching hooks run after the user's (as in run_with_cache), and see hook_pos_embed too
+        cache_dict, cache_hooks, _ = self.model.get_caching_hooks(names_filter) if with_cache else ({}, [], [])
+        with self.model.hooks(fwd_hooks=hooks + cache_hooks):
+            if self.cfg.positional_embedding_type == "standard":  # learned positions (GPT-2)
+                embeds = embeds + self._position_embeds(embeds.shape[0], embeds.shape[1], attention_mask)
+            logits = self.model(embeds, **kwargs)
             if logit_positions is not None:  # the residual: finish the pass at the chosen positions
                 normed = self.model.ln_final(logits)
                 logits = apply_softcap(self.model.unembed(normed[:, list(logit_positions)]), self.cfg.output_logits_soft_cap)
-        # hook_normalized is x / rms(x); HF's hidden_states[-1] (what prj reads) includes the weight.
-        # In bf16/fp16 TransformerLens normalizes in fp32 and casts back before the weight (as HF does).
+        cache = ActivationCache(cache_dict, self.model) if with_cache else None
+        # hook_normalized is the normalized x before the norm's weight (and LayerNorm's bias); HF's
+        # hidden_states[-1] (what prj reads) includes them. In bf16/fp16 TransformerLens normalizes in
+        # fp32 and casts back before the weight (as HF does).
         final = captured["normalized"].to(self.cfg.dtype) * self.model.ln_final.w
+        if self.cfg.normalization_type == "LN":
+            final = final + self.model.ln_final.b
         return ForwardOutput(logits=logits, final=final, cache=cache)
+
+    def _position_embeds(self, batch: int, n: int, mask: Tensor | None) -> Tensor:
+        """Learned position embeddings [batch, n, d_model] of a chunk, through `hook_pos_embed`.
+
+        TransformerLens adds `W_pos` only when it embeds tokens itself; fed embeddings
+        (`start_at_layer=0`) skip it, so `forward` adds it. mask [batch, cached + n] is the full
+        attention mask (KV cache + chunk), None for an unpadded chunk without cache. A real column's
+        position is the number of real columns before it (cumsum(mask) - 1), so a left-padded row,
+        or one with masked-out columns, gets the positions it would have alone (latent i of an
+        L-token prompt at L + i, as HF GPT-2 at batch 1); padded columns get zeros.
+        """
+        offset = 0 if mask is None else mask.shape[1] - n
+        positions_of = torch.zeros((batch, n), dtype=torch.long, device=self.device)  # only its shape is read
+        return self.model.hook_pos_embed(self.model.pos_embed(positions_of, offset, mask))
 
     # ------------------------------------------------------------------ the latent loop
 
-    def question_batch(self, questions: Sequence[str]) -> tuple[list[Tensor], Tensor, Tensor]:
-        """Left-padded question + bot inputs.
+    def prompt_ids(self, question: str) -> Tensor:
+        """The tokens fed before the first latent [n_prompt]: question (with BOS), its suffix, bot."""
+        return torch.cat([self.encode(question), torch.tensor(self.question_suffix_ids, dtype=torch.long), torch.tensor([self.bot_id])])
 
-        Returns (question ids per row, input embeddings [batch, pos, d_model], mask [batch, pos]).
-        """
-        ids = [self.encode(q) for q in questions]
-        width = max(len(x) for x in ids) + 1
-        tokens = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for row, x in enumerate(ids):
-            tokens[row, width - len(x) - 1 : -1] = x
-            tokens[row, -1] = self.bot_id
-            mask[row, width - len(x) - 1 :] = 1
-        return ids, self.embed(tokens), mask
+    def tail_ids(self, answer_ids: Tensor | None = None) -> Tensor:
+        """The tokens fed after the latents [n]: eot, its suffix, the answer prefix, the answer."""
+        parts = [torch.tensor([self.eot_id, *self.eot_suffix_ids], dtype=torch.long), self.prefix_ids()]
+        return torch.cat(parts + ([answer_ids.long()] if answer_ids is not None else []))
 
-    def run_latents(
+    def layout(self, n_question: int, n_answer: int = 0) -> SequenceLayout:
+        """The layout of a sequence with `n_question` question tokens and `n_answer` answer tokens."""
+        return SequenceLayout(
+            n_question=n_question,
+            num_latents=self.num_latents,
+            n_prefix=len(self.prefix_ids()),
+            n_answer=n_answer,
+            n_question_suffix=len(self.question_suffix_ids),
+            n_eot_suffix=len(self.eot_suffix_ids),
+        )
+
+    def left_padded(self, sequences: Sequence[Tensor]) -> tuple[Tensor, Tensor, list[int]]:
+        """Token sequences [n_i] -> (embeddings [batch, width, d_model], mask [batch, width], offsets)."""
+        width = max(len(x) for x in sequences)
+        tokens = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, x in enumerate(sequences):
+            tokens[row, width - len(x) :] = x
+            mask[row, width - len(x) :] = 1
+        return self.embed(tokens), mask, [width - len(x) for x in sequences]
+
+    def latent_steps(
         self,
-        prompt_embeds: Tensor,
-        prompt_mask: Tensor | None = None,
+        latents: Tensor,
+        kv_cache: TransformerLensKeyValueCache,
+        first: int,
+        width: int,
         *,
-        chunk_hooks: ChunkHooks | None = None,
-        fwd_hooks: Sequence[Hook] = (),
-    ) -> tuple[Tensor, TransformerLensKeyValueCache]:
-        """Prefill the prompt (question + bot), then run the latent loop with a KV cache.
+        hooks: ChunkHooks,
+        feedback_hooks: ChunkHooks | None = None,
+        offsets: Sequence[int] | None = None,
+    ) -> None:
+        """The latent loop from latent `first` on: feed latent t, project its state into latent t+1.
 
-        prompt_embeds [batch, p, d_model]. Returns the fed latents [batch, num_latents, d_model]
-        and the KV cache after the last latent. `chunk_hooks(start, length)` gives hooks for
-        each forward pass (start = absolute position of the chunk's first input), so a patch can
-        be written at the step that computes its position; `fwd_hooks` are active in every pass.
+        latents [batch, K, d_model]: latent `first` must hold its input; latents after it are
+        overwritten with what the loop feeds. Latent t sits at column `width + t`.
+        `hooks(start, length)` are active in every pass. `feedback_hooks(start, length)` (the
+        feedback strategy) are active only in a pass whose keys and values are not kept: at a step
+        where they apply, the position is run with them on a frozen cache (its state projected into
+        the next latent), then again without them, which is what later positions attend to.
         """
-        batch, p, _ = prompt_embeds.shape
-        kv_cache = TransformerLensKeyValueCache.init_cache(self.cfg, self.device, batch)
-
-        def hooks(start: int, length: int) -> list[Hook]:
-            return list(fwd_hooks) + (list(chunk_hooks(start, length)) if chunk_hooks else [])
-
-        out = self.forward(prompt_embeds, kv_cache=kv_cache, attention_mask=prompt_mask, fwd_hooks=hooks(0, p))
-        latents = []
-        for t in range(self.num_latents):
-            latent = self.project(out.final[:, -1:])
-            latents.append(latent)
-            out = self.forward(latent, kv_cache=kv_cache, fwd_hooks=hooks(p + t, 1))
-        return torch.cat(latents, dim=1), kv_cache
+        for t in range(first, self.num_latents):
+            col, x = width + t, latents[:, t : t + 1]
+            extra = list(feedback_hooks(col, 1)) if feedback_hooks is not None else []
+            if extra:
+                kv_cache.freeze()
+                try:
+                    out = self.forward(x, kv_cache=kv_cache, fwd_hooks=[*hooks(col, 1), *extra], logit_positions=[], start=col, offsets=offsets)
+                finally:
+                    kv_cache.unfreeze()
+                self.forward(x, kv_cache=kv_cache, fwd_hooks=hooks(col, 1), logit_positions=[], start=col, offsets=offsets)
+            else:
+                out = self.forward(x, kv_cache=kv_cache, fwd_hooks=hooks(col, 1), logit_positions=[], start=col, offsets=offsets)
+            if t + 1 < self.num_latents:
+                latents[:, t + 1] = self.project(out.final[:, -1]).to(latents)
 
     def greedy_decode(
         self,
-        first_embeds: Tensor,
+        logits: Tensor,
+        forced: Tensor | None,
         kv_cache: TransformerLensKeyValueCache,
         *,
-        max_new_tokens: int = 32,
+        max_new_tokens: int,
         fwd_hooks: Sequence[Hook] = (),
+        offsets: Sequence[int] | None = None,
     ) -> list[Tensor]:
-        """Feed first_embeds [batch, n, d_model] (e.g. eot), then decode greedily.
+        """Greedy decoding, continuing a teacher-forced chunk already in `kv_cache`.
 
-        Logits are restricted to ids < eot (the official code drops the last vocabulary row).
-        Returns per row the generated ids up to and including eos.
+        logits [batch, n, d_vocab]: the logits at the chunk's last n columns, the first of which
+        is the last position fed before decoding (eot or its suffix); forced [batch, n-1] the
+        tokens fed at the other n-1 columns (-1 = right padding; None when n = 1). While a row's
+        greedy token equals the forced one, the forced column is the decode's own step (the same
+        computation) and is reused; from the first disagreement the row's remaining forced
+        columns are masked out and it decodes step by step. Logits are restricted to ids < eot
+        (the official code drops the last vocabulary row). Returns per row the generated ids up to
+        and including eos (at most `max_new_tokens`). Hooks apply to the decode steps.
         """
-        batch = first_embeds.shape[0]
-        out = self.forward(first_embeds, kv_cache=kv_cache, fwd_hooks=fwd_hooks)
-        generated = torch.empty((batch, 0), dtype=torch.long, device=self.device)
-        done = torch.zeros(batch, dtype=torch.bool, device=self.device)
-        for step in range(max_new_tokens):
-            next_ids = out.logits[:, -1, : self.eot_id].argmax(dim=-1)
-            generated = torch.cat([generated, next_ids[:, None]], dim=1)
-            done |= next_ids == self.eos_id
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            out = self.forward(self.embed(next_ids[:, None]), kv_cache=kv_cache, fwd_hooks=fwd_hooks)
-        rows = []
-        for row in generated.cpu():
-            eos = (row == self.eos_id).nonzero()
-            rows.append(row[: int(eos[0]) + 1] if len(eos) else row)
-        return rows
+        b, n = logits.shape[:2]
+        eos, device = self.eos_id, self.device
+        first_col = kv_cache.previous_attention_mask.shape[1] - n  # column of the logits' first position
+        greedy = logits[:, :, : self.eot_id].argmax(dim=-1)  # [b, n]
+        if n > 1:
+            agree = (greedy[:, :-1] == forced.to(device)) & (greedy[:, :-1] != eos)
+            accepted = agree.long().cumprod(dim=1).sum(dim=1)
+        else:
+            accepted = torch.zeros(b, dtype=torch.long, device=device)
+        generated = [greedy[r, : int(accepted[r]) + 1].tolist()[:max_new_tokens] for r in range(b)]
+        active = [r for r in range(b) if generated[r][-1] != eos and len(generated[r]) < max_new_tokens]
+        if active:
+            kv_cache = select_rows(kv_cache, torch.tensor(active, device=device))
+            mask = kv_cache.previous_attention_mask.clone()
+            for i, r in enumerate(active):  # the forced (and padded) columns this row did not take
+                mask[i, first_col + int(accepted[r]) + 1 :] = 0
+            kv_cache.previous_attention_mask = mask
+            row_offsets = [offsets[r] for r in active] if offsets is not None else None
+            while active:
+                ids = torch.tensor([generated[r][-1] for r in active], device=device)
+                col = kv_cache.previous_attention_mask.shape[1]
+                out = self.forward(self.embed(ids[:, None]), kv_cache=kv_cache, fwd_hooks=fwd_hooks, logit_positions=[0], start=col, offsets=row_offsets)
+                nxt = out.logits[:, -1, : self.eot_id].argmax(dim=-1).tolist()
+                keep = []
+                for i, r in enumerate(active):
+                    generated[r].append(nxt[i])
+                    if nxt[i] != eos and len(generated[r]) < max_new_tokens:
+                        keep.append(i)
+                if len(keep) < len(active):
+                    active = [active[i] for i in keep]
+                    row_offsets = [row_offsets[i] for i in keep] if row_offsets is not None else None
+                    if active:
+                        kv_cache = select_rows(kv_cache, torch.tensor(keep, device=device))
+        return [torch.tensor(g, dtype=torch.long) for g in generated]
 
     @torch.no_grad()
-    def generate_batch(
-        self, questions: Sequence[str], max_new_tokens: int = 32, fwd_hooks: Sequence[Hook] = ()
-    ) -> list[Generation]:
+    def generate_batch(self, questions: Sequence[str], max_new_tokens: int = 32, fwd_hooks: Sequence[Hook] = ()) -> list[Generation]:
         """The official evaluation loop for many questions at once (left padding, KV cache).
 
-        Results equal `generate` on each question alone. Hook positions are those of the padded
-        batch, so pass position-dependent hooks only with one question at a time.
+        Results equal `generate` on each question alone; hooks made with `interp.at_positions`
+        act at each question's own absolute positions.
         """
-        ids, embeds, mask = self.question_batch(questions)
-        latents, kv_cache = self.run_latents(embeds, mask, fwd_hooks=fwd_hooks)
-        eot = self.embed(torch.full((len(ids), 1), self.eot_id, dtype=torch.long))
-        answers = self.greedy_decode(eot, kv_cache, max_new_tokens=max_new_tokens, fwd_hooks=fwd_hooks)
-        out = []
-        for q_ids, lat, ans in zip(ids, latents.cpu(), answers):
+        q_ids = [self.encode(q) for q in questions]
+        prompts = [self.prompt_ids(q) for q in questions]
+        embeds, mask, offsets = self.left_padded(prompts)
+        width = embeds.shape[1]
+        kv_cache = TransformerLensKeyValueCache.init_cache(self.cfg, self.device, len(prompts))
+        out = self.forward(embeds, kv_cache=kv_cache, attention_mask=mask, fwd_hooks=fwd_hooks, logit_positions=[], offsets=offsets)
+        latents = torch.zeros(len(prompts), self.num_latents, self.cfg.d_model, dtype=embeds.dtype, device=self.device)
+        latents[:, 0] = self.project(out.final[:, -1]).to(latents)
+
+        def hooks(start: int, length: int) -> Sequence[Hook]:
+            return fwd_hooks
+
+        self.latent_steps(latents, kv_cache, 0, width, hooks=hooks, offsets=offsets)
+        tail = self.tail_ids()[: 1 + len(self.eot_suffix_ids)]  # eot and its suffix: fed, not generated
+        col = width + self.num_latents
+        out = self.forward(self.embed(tail.expand(len(prompts), -1)), kv_cache=kv_cache, fwd_hooks=fwd_hooks, logit_positions=[len(tail) - 1], start=col, offsets=offsets)
+        answers = self.greedy_decode(out.logits, None, kv_cache, max_new_tokens=max_new_tokens, fwd_hooks=fwd_hooks, offsets=offsets)
+        result = []
+        for ids, lat, ans in zip(q_ids, latents.cpu(), answers):
             text = self.tokenizer.decode(ans, skip_special_tokens=True)
-            out.append(Generation(q_ids, lat, ans, text, extract_answer(text)))
-        return out
+            result.append(Generation(ids, lat, ans, text, extract_answer(text)))
+        return result
 
     def generate(self, question: str, max_new_tokens: int = 32, fwd_hooks: Sequence[Hook] = ()) -> Generation:
         """Greedy CODI generation for one question, with `fwd_hooks` active in every pass."""
@@ -359,60 +457,92 @@ class CodiModel:
     # ------------------------------------------------------------------ traces
 
     def sequence(self, question_ids: Tensor, latents: Tensor, answer_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """The teacher-forced sequence [question, bot, latents, eot, prefix, (answer)].
+        """The teacher-forced sequence [question, suffix, bot, latents, eot, suffix, prefix, (answer)].
 
         Returns (tokens [seq] with -1 at latent positions, input embeddings [seq, d_model]).
         """
         k = latents.shape[0]
-        parts = [question_ids, torch.tensor([self.bot_id]), torch.full((k,), -1), torch.tensor([self.eot_id]), self.prefix_ids()]
-        if answer_ids is not None:
-            parts.append(answer_ids)
-        tokens = torch.cat(parts).long()
+        prompt = torch.cat([question_ids.long(), torch.tensor(self.question_suffix_ids, dtype=torch.long), torch.tensor([self.bot_id])])
+        tokens = torch.cat([prompt, torch.full((k,), -1), self.tail_ids(answer_ids)])
         embeds = self.embed(tokens.clamp(min=0))
-        q = len(question_ids)
-        embeds[q + 1 : q + 1 + k] = latents.to(embeds)
+        embeds[len(prompt) : len(prompt) + k] = latents.to(embeds)
         return tokens, embeds
 
-    def position_names(self, num_question_tokens: int, seq_len: int) -> list[str]:
-        """Names of the positions of a sequence: q[i], bot, latent[t], eot, prefix[i], answer[i]."""
-        k, p = self.num_latents, len(self.prefix_ids())
-        names = [f"q[{i}]" for i in range(num_question_tokens)] + ["bot"]
-        names += [f"latent[{t}]" for t in range(k)] + ["eot"] + [f"prefix[{i}]" for i in range(p)]
-        names += [f"answer[{i}]" for i in range(seq_len - len(names))]
-        return names
+    def _answer_ids(self, answer: float | str | Tensor | None) -> Tensor | None:
+        return answer if answer is None or isinstance(answer, Tensor) else self.answer_token_ids(answer)
 
     @torch.no_grad()
-    def trace(self, question: str, answer: float | str | Tensor | None = None, max_new_tokens: int = 32) -> Trace:
+    def trace(
+        self,
+        question: str,
+        answer: float | str | Tensor | None = None,
+        max_new_tokens: int = 32,
+        *,
+        fwd_hooks: Sequence[Hook] = (),
+        names_filter: Callable[[str], bool] | Sequence[str] | str | None = None,
+    ) -> Trace:
         """Free latent loop, then eot and the teacher-forced prefix, cached over the whole sequence.
 
         `answer` (a number, its text, or answer token ids [n]) is teacher-forced after the prefix.
+        `fwd_hooks` act in the loop (the latents are those the hooked loop feeds) and in the final
+        teacher-forced pass, which then reproduces the loop's activations. `names_filter` limits
+        the cache as in TransformerLens's `run_with_cache`.
         """
-        gen = self.generate(question, max_new_tokens=max_new_tokens)
-        answer_ids = answer if answer is None or isinstance(answer, Tensor) else self.answer_token_ids(answer)
-        return self.trace_from(question, gen, gen.latents, answer_ids)
+        gen = self.generate(question, max_new_tokens=max_new_tokens, fwd_hooks=fwd_hooks)
+        return self.trace_from(question, gen, gen.latents, self._answer_ids(answer), fwd_hooks, names_filter=names_filter)
 
     def trace_from(
-        self, question: str, generation: Generation, latents: Tensor, answer_ids: Tensor | None, fwd_hooks: Sequence[Hook] = ()
+        self,
+        question: str,
+        generation: Generation,
+        latents: Tensor,
+        answer_ids: Tensor | None,
+        fwd_hooks: Sequence[Hook] = (),
+        *,
+        names_filter: Callable[[str], bool] | Sequence[str] | str | None = None,
     ) -> Trace:
         """A `Trace` of one teacher-forced pass with the given latents [K, d_model] and hooks."""
         tokens, embeds = self.sequence(generation.question_ids, latents, answer_ids)
-        out = self.forward(embeds[None], fwd_hooks=fwd_hooks, with_cache=True)
-        q = len(generation.question_ids)
-        answer_position = q + self.num_latents + 1 + len(self.prefix_ids())
+        out = self.forward(embeds[None], fwd_hooks=fwd_hooks, with_cache=True, names_filter=names_filter)
+        layout = self.layout(len(generation.question_ids), 0 if answer_ids is None else len(answer_ids))
         return Trace(
             question=question,
             tokens=tokens,
             input_embeds=embeds,
             latents=latents,
             cache=out.cache,
-            answer_logits=out.logits[0, answer_position],
-            answer_position=answer_position,
-            latent_positions=list(range(q + 1, q + 1 + self.num_latents)),
-            position_names=self.position_names(q, len(tokens)),
+            answer_logits=out.logits[0, layout.answer_position],
+            layout=layout,
             generation=generation,
             next_logits=out.logits[0, -1],
             answer_ids=answer_ids,
         )
+
+    @torch.no_grad()
+    def run_with_cache(
+        self,
+        question: str,
+        *,
+        answer: float | str | Tensor | None = None,
+        fwd_hooks: Sequence[Hook] = (),
+        names_filter: Callable[[str], bool] | Sequence[str] | str | None = None,
+    ) -> tuple[Tensor, ActivationCache]:
+        """The real latent loop, eot and the answer prefix: (logits [1, seq, d_vocab], cache).
+
+        As TransformerLens's `run_with_cache`, over the sequence `trace` builds; hooks (plain or
+        `at_positions`) act in the loop and in the cached pass.
+        """
+        gen = self.generate(question, fwd_hooks=fwd_hooks)
+        tokens, embeds = self.sequence(gen.question_ids, gen.latents, self._answer_ids(answer))
+        out = self.forward(embeds[None], fwd_hooks=fwd_hooks, with_cache=True, names_filter=names_filter)
+        return out.logits, out.cache
+
+    @torch.no_grad()
+    def run_with_hooks(self, question: str, fwd_hooks: Sequence[Hook] = (), *, answer: float | str | Tensor | None = None) -> Tensor:
+        """The real latent loop with `fwd_hooks`, then eot and the answer prefix: logits [1, seq, d_vocab]."""
+        gen = self.generate(question, fwd_hooks=fwd_hooks)
+        tokens, embeds = self.sequence(gen.question_ids, gen.latents, self._answer_ids(answer))
+        return self.forward(embeds[None], fwd_hooks=fwd_hooks).logits
 
     # ------------------------------------------------------------------ latent decoding
 

@@ -2,7 +2,7 @@
 
 Every figure is built from a results DataFrame (`load_results(run_dir)`): a cell is a
 (strategy, layer, latent set) of one kind of test, its value the mean across pairs, with the
-percentile-bootstrap 95% CI of `interp.sweep.bootstrap_ci` (the function summary.json uses) in
+percentile-bootstrap 95% CI of `interp.stats.bootstrap_ci` (the function summary.json uses) in
 the hover text. Layers are the model's real layer numbers; latent columns are named as the sweep
 names positions (`latent[t]`).
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -26,7 +27,8 @@ from plotly.subplots import make_subplots
 
 from interp.model import CodiModel, Generation, Trace
 from interp.patching import STRATEGIES
-from interp.sweep import METRICS, bootstrap_ci, read_jsonl
+from interp.runio import read_jsonl, unique_rows
+from interp.stats import METRICS, bootstrap_ci, cell_stats
 
 SIMILARITIES = ("sim_cos", "sim_rel_l2", "par_cos", "par_rel_l2")
 #: ranges a metric's colour scale always covers (None: the data decides that end)
@@ -38,6 +40,8 @@ METRIC_RANGES: dict[str, tuple[float | None, float | None]] = {
 }
 STRATEGY_COLOURS = {"parallel": "#1f77b4", "iterative": "#d62728"}
 N_RESAMPLES = 2000
+#: a heatmap's cells: one per strategy, layer and latent-set column
+GRID = ("strategy", "layer", "column")
 
 
 def load_results(run_dir: str | Path) -> pd.DataFrame:
@@ -45,9 +49,11 @@ def load_results(run_dir: str | Path) -> pd.DataFrame:
     path = Path(run_dir) / "results.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"no results.jsonl in {run_dir}: is it a run directory written by interp.sweep.run_sweep?")
-    rows = read_jsonl(path)
+    rows, repeated = unique_rows(read_jsonl(path), "test_id")
     if not rows:
         raise ValueError(f"{path} holds no results yet")
+    if repeated:
+        warnings.warn(f"{path}: {repeated} repeated test id(s) ignored: each test is counted once (its first row)", stacklevel=2)
     return pd.DataFrame(rows)
 
 
@@ -91,15 +97,6 @@ def select(df: pd.DataFrame, kind: str, strategy: str | None = None, latents: Se
     rows = rows.copy()
     rows["column"] = [column_of(kind, lat) for lat in rows["latents"]]
     return rows
-
-
-def cell_stats(rows: pd.DataFrame, values: str, n_resamples: int = N_RESAMPLES, seed: int = 0, by: Sequence[str] = ("strategy", "layer", "column")) -> pd.DataFrame:
-    """Mean, bootstrap 95% CI and n of column `values` per group of `by` (booleans count as rates)."""
-    out = []
-    for key, group in rows.groupby(list(by), sort=True):
-        mean, lo, hi, n = bootstrap_ci(group[values].astype(float).tolist(), n_resamples, seed)
-        out.append({**dict(zip(by, key)), "mean": mean, "ci_low": lo, "ci_high": hi, "n": n})
-    return pd.DataFrame(out, columns=[*by, "mean", "ci_low", "ci_high", "n"])
 
 
 def _strategies(present: Sequence[str]) -> list[str]:
@@ -147,7 +144,7 @@ def heatmap(df: pd.DataFrame, metric: str = "normalized_effect", strategy: str |
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; use one of {METRICS}")
     rows = select(df, kind, strategy)
-    stats = cell_stats(rows, metric, n_resamples, seed)
+    stats = cell_stats(rows, metric, n_resamples, seed, GRID)
     strategies = _strategies(stats["strategy"].unique())
     layers = sorted(int(x) for x in stats["layer"].unique())
     columns = sorted(int(x) for x in stats["column"].unique())
@@ -295,7 +292,7 @@ def layer_lines(df: pd.DataFrame, metric: str = "normalized_effect", kind: str =
     rows = select(df, kind, latents=latents)
     if rows["latents"].map(tuple).nunique() > 1:
         raise ValueError(f"{kind} tests patch several latent sets; pass latents=[...] to choose one")
-    stats = cell_stats(rows, metric, n_resamples, seed)
+    stats = cell_stats(rows, metric, n_resamples, seed, GRID)
     fig = go.Figure()
     for s in _strategies(stats["strategy"].unique()):
         st = stats[stats["strategy"] == s].sort_values("layer")

@@ -21,7 +21,8 @@ import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
 from interp.plots import difference_heatmap, heatmap, layer_lines, load_results, similarity_heatmap
-from interp.sweep import METRICS, read_jsonl
+from interp.runio import read_jsonl
+from interp.stats import METRICS
 
 STYLE = """
 html { overflow-y: scroll; }
