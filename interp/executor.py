@@ -1,0 +1,211 @@
+"""Executors: where a sweep's units of work run. One process (`LocalExecutor`) or Ray actors (`RayExecutor`).
+
+Contract (both executors):
+- `map_units(model_spec, units, work_fn, batch_size=b)` splits `units` (in the given order) into
+  batches of up to `b`, runs `work_fn(model, batch) -> rows per unit` on a model loaded from
+  `model_spec`, and yields `(unit, rows)` for every unit exactly once, as batches complete
+  (`LocalExecutor`: in order; `RayExecutor`: in completion order).
+- The caller (the driver) is the only writer: executors return rows, they write nothing.
+- `work_fn` is sent to each worker once; a callable object may keep per-worker state between
+  batches (e.g. the traces of the pairs it has seen). An exception raised by `work_fn` ends the run.
+
+`RayExecutor` fault tolerance: each actor loads the model once. When an actor dies (killed, node lost,
+out of memory), every batch in flight on it is re-queued on a fresh actor; a result is yielded only
+from a batch that completed, so nothing is lost or doubled. A batch that kills `max_attempts`
+workers in a row is a bug or an out-of-memory, not bad luck: the run stops with its last error.
+
+Pointing at an existing Ray cluster: start it with `ray start --head` on one machine and
+`ray start --address=HEAD:6379` on the others, every node with the same environment (`interp`
+installed, and the checkpoint path readable at the same place), then pass `address="HEAD:6379"`
+(or `"auto"` on a cluster node). Without an address a local Ray instance is started.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import torch
+
+if TYPE_CHECKING:
+    from interp.model import CodiModel
+
+U = TypeVar("U")
+Rows = list[dict[str, Any]]
+WorkFn = Callable[["CodiModel", list[U]], Sequence[Rows]]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How a worker loads the model: small and picklable, unlike the model.
+
+    checkpoint: "embedded" (interp.load_default) or a path a worker can read (directory or file in the
+    official CODI format), with `base` the local base model directory. device "auto": CUDA when the
+    worker sees a GPU, else CPU.
+    """
+
+    checkpoint: str = "embedded"
+    base: str | None = None
+    dtype: str = "float32"
+    device: str = "auto"
+    lora_alpha: float = 32.0
+    num_latents: int = 6
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; use one of {sorted(DTYPES)}")
+        if self.checkpoint != "embedded" and self.base is None:
+            raise ValueError(f"checkpoint {self.checkpoint!r} needs base= (the local base model directory)")
+
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    def load(self) -> CodiModel:
+        from interp.loading import load_codi, load_default
+
+        dtype, device = DTYPES[self.dtype], self.resolved_device()
+        if self.checkpoint == "embedded":
+            return load_default(dtype=dtype, device=device)
+        return load_codi(self.checkpoint, self.base, lora_alpha=self.lora_alpha, num_latents=self.num_latents, dtype=dtype, device=device)
+
+
+def batches(units: Sequence[U], batch_size: int) -> list[list[U]]:
+    """`units` in order, cut into consecutive batches of up to `batch_size`."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return [list(units[i : i + batch_size]) for i in range(0, len(units), batch_size)]
+
+
+def _run_batch(work_fn: WorkFn, model: CodiModel, batch: list[U]) -> list[Rows]:
+    rows = list(work_fn(model, batch))
+    if len(rows) != len(batch):
+        raise ValueError(f"work_fn returned rows for {len(rows)} units, expected {len(batch)} (one list of rows per unit)")
+    return rows
+
+
+class LocalExecutor(Generic[U]):
+    """Runs every batch in this process, in order. `model`: an already loaded model to use instead of
+    loading one from the spec (what a single-process sweep has at hand)."""
+
+    def __init__(self, model: CodiModel | None = None):
+        self.model = model
+
+    def map_units(self, model_spec: ModelSpec, units: Sequence[U], work_fn: WorkFn, *, batch_size: int = 1) -> Iterator[tuple[U, Rows]]:
+        work = batches(units, batch_size)
+        if self.model is None and work:
+            self.model = model_spec.load()
+        for batch in work:
+            yield from zip(batch, _run_batch(work_fn, self.model, batch))
+
+
+class _Worker:
+    """The body of a Ray actor: loads the model once, then runs batches."""
+
+    def __init__(self, model_spec: ModelSpec, work_fn: WorkFn, threads: int):
+        torch.set_num_threads(threads)
+        self.model = model_spec.load()
+        self.work_fn = work_fn
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def run(self, batch: list) -> list[Rows]:
+        return _run_batch(self.work_fn, self.model, batch)
+
+
+class RayExecutor(Generic[U]):
+    """Batches over `workers` Ray actors, each loading the model once.
+
+    address: a Ray cluster address (None: start a local instance unless Ray is already initialised in
+    this process); num_gpus: GPUs per actor, "auto" = 1 when the cluster has GPUs, else 0 (CPU actors);
+    cpus_per_worker: CPUs per actor (and its torch threads); in_flight: batches queued per actor so it
+    never waits for the driver; max_attempts: workers a batch may lose before the run stops;
+    init_kwargs: extra `ray.init` arguments (e.g. num_cpus for a local instance, runtime_env).
+    """
+
+    def __init__(self, address: str | None = None, workers: int = 2, num_gpus: float | str = "auto", *, cpus_per_worker: int = 1,
+                 in_flight: int = 2, max_attempts: int = 3, init_kwargs: dict[str, Any] | None = None):
+        try:
+            import ray
+        except ImportError:
+            raise ImportError("RayExecutor needs Ray: pip install 'interp[ray]' (or pip install 'ray[default]')") from None
+        if workers < 1 or in_flight < 1 or max_attempts < 1 or cpus_per_worker < 1:
+            raise ValueError(f"workers, in_flight, max_attempts and cpus_per_worker must be >= 1 (got {workers}, {in_flight}, {max_attempts}, {cpus_per_worker})")
+        if not ray.is_initialized():
+            ray.init(address=address, include_dashboard=False, **(init_kwargs or {}))
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if num_gpus == "auto":
+            num_gpus = 1 if gpus >= 1 else 0
+        if not isinstance(num_gpus, (int, float)) or num_gpus < 0:
+            raise ValueError(f"num_gpus must be 'auto' or a number >= 0, got {num_gpus!r}")
+        if num_gpus > gpus:
+            raise ValueError(f"num_gpus={num_gpus} per worker but the Ray cluster has {gpus} GPUs")
+        self.ray = ray
+        self.workers, self.num_gpus, self.cpus_per_worker = workers, num_gpus, cpus_per_worker
+        self.in_flight, self.max_attempts = in_flight, max_attempts
+        self._actor_cls = ray.remote(num_cpus=cpus_per_worker, num_gpus=num_gpus, max_restarts=0)(_Worker)
+        #: actors replaced after dying, over this executor's life
+        self.restarts = 0
+
+    def _spawn(self, model_spec: ModelSpec, work_fn_ref: Any) -> Any:
+        spec = replace(model_spec, device="cuda" if self.num_gpus > 0 else "cpu") if model_spec.device == "auto" else model_spec
+        if spec.device.startswith("cuda") and self.num_gpus == 0:
+            raise ValueError(f"model_spec.device is {spec.device!r} but the workers have no GPU (num_gpus=0); use device 'auto' or 'cpu'")
+        return self._actor_cls.remote(spec, work_fn_ref, self.cpus_per_worker)
+
+    def map_units(self, model_spec: ModelSpec, units: Sequence[U], work_fn: WorkFn, *, batch_size: int = 1) -> Iterator[tuple[U, Rows]]:
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        ray = self.ray
+        queue: deque[tuple[int, list[U]]] = deque(enumerate(batches(units, batch_size)))
+        if not queue:
+            return
+        work_fn_ref = ray.put(work_fn)
+        actors = [self._spawn(model_spec, work_fn_ref) for _ in range(min(self.workers, len(queue)))]
+        ray.get([a.pid.remote() for a in actors])  # a model that fails to load fails here, once
+        generation = [0] * len(actors)  # bumped when a slot's actor is replaced
+        load = [0] * len(actors)  # batches in flight on each slot's current actor
+        pending: dict[Any, tuple[int, int, int, list[U]]] = {}  # ref -> (slot, generation, batch index, batch)
+        attempts: dict[int, int] = {}
+
+        def fill() -> None:
+            for slot in sorted(range(len(actors)), key=lambda s: load[s]):
+                while queue and load[slot] < self.in_flight:
+                    index, batch = queue.popleft()
+                    pending[actors[slot].run.remote(batch)] = (slot, generation[slot], index, batch)
+                    load[slot] += 1
+
+        try:
+            fill()
+            while pending:
+                [ref], _ = ray.wait(list(pending), num_returns=1)
+                slot, gen, index, batch = pending.pop(ref)
+                current = gen == generation[slot]
+                if current:
+                    load[slot] -= 1
+                try:
+                    rows = ray.get(ref)
+                except (RayActorError, ActorUnavailableError) as exc:
+                    attempts[index] = attempts.get(index, 0) + 1
+                    if attempts[index] >= self.max_attempts:
+                        raise RuntimeError(f"a batch of {len(batch)} units lost {attempts[index]} workers; last error: {exc}") from exc
+                    queue.appendleft((index, batch))
+                    if current:  # the first failure seen from this actor: a fresh one takes its slot
+                        ray.kill(actors[slot], no_restart=True)
+                        actors[slot] = self._spawn(model_spec, work_fn_ref)
+                        generation[slot] += 1
+                        load[slot] = 0
+                        self.restarts += 1
+                    fill()
+                    continue
+                yield from zip(batch, rows)
+                fill()
+        finally:
+            for actor in actors:
+                ray.kill(actor, no_restart=True)

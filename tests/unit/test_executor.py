@@ -1,0 +1,110 @@
+"""Executors: a local Ray instance with 2 CPU workers gives the single-process rows, and a worker killed
+mid-run loses nothing and doubles nothing (interp/executor.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+import pytest
+
+from interp.executor import LocalExecutor, ModelSpec, RayExecutor, batches
+
+ray = pytest.importorskip("ray", reason="the Ray executor tests need the ray extra: pip install -e '.[ray]'")
+# Ray workers cannot import this test module by name: send its functions by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+QUESTIONS = ["7 +5 *3 -2 *7 +4 -1", "3 *7 -4 +9 *3 -1 +2", "0 +8 *9 -3 +1 *7 -6", "9 -1 *3 +4 -8 *9 +5"]
+UNITS = [(q, t) for q in range(len(QUESTIONS)) for t in (0, 3, 5)]
+SPEC = ModelSpec("embedded", device="cpu")
+
+
+class Latents:
+    """Per unit (question, latent t): the greedy answer and latent t's norm. Keeps each worker's
+    generations (per-worker state, as a sweep keeps traces); `delay` seconds per batch."""
+
+    def __init__(self, delay: float = 0.0, fail: bool = False):
+        self.delay, self.fail = delay, fail
+        self.seen: dict[int, object] = {}
+
+    def __call__(self, model, batch):
+        if self.fail:
+            raise ValueError("work_fn failed on purpose")
+        time.sleep(self.delay)
+        rows = []
+        for q, t in batch:
+            gen = self.seen.setdefault(q, model.generate(QUESTIONS[q]))
+            rows.append([{"question": q, "t": t, "answer_ids": gen.answer_ids.tolist(), "latent_norm": float(gen.latents[t].norm()), "pid": os.getpid()}])
+        return rows
+
+
+@pytest.fixture(scope="module")
+def local_rows():
+    import interp
+
+    out = list(LocalExecutor(interp.load_default()).map_units(SPEC, UNITS, Latents(), batch_size=2))
+    assert [u for u, _ in out] == UNITS
+    return dict(out)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    except Exception as exc:  # noqa: BLE001 - any failure to start means Ray cannot run on this machine
+        pytest.skip(f"Ray cannot start a local instance on this machine: {exc}")
+    yield
+    ray.shutdown()
+
+
+def assert_same_rows(got: dict, want: dict) -> None:
+    assert set(got) == set(want)
+    for unit, rows in want.items():
+        [a], [b] = got[unit], rows
+        assert a["answer_ids"] == b["answer_ids"], unit
+        assert abs(a["latent_norm"] - b["latent_norm"]) < 1e-5 * max(1.0, abs(b["latent_norm"])), unit
+
+
+def test_ray_matches_local(local_ray, local_rows):
+    executor = RayExecutor(workers=2, num_gpus="auto")
+    assert executor.num_gpus == 0  # no GPU here: CPU actors
+    out = list(executor.map_units(SPEC, UNITS, Latents(), batch_size=2))
+    assert sorted(u for u, _ in out) == sorted(UNITS)
+    assert len({rows[0]["pid"] for _, rows in out}) == 2  # both workers ran batches
+    assert_same_rows(dict(out), local_rows)
+
+
+def test_killed_worker_loses_nothing(local_ray, local_rows):
+    executor = RayExecutor(workers=2)
+    out: list = []
+    killed = None
+    for unit, rows in executor.map_units(SPEC, UNITS, Latents(delay=0.3), batch_size=1):
+        out.append((unit, rows))
+        if killed is None:  # the worker that answered first has more batches in flight: kill it
+            killed = rows[0]["pid"]
+            os.kill(killed, signal.SIGKILL)
+    units = [u for u, _ in out]
+    assert sorted(units) == sorted(UNITS)  # nothing lost, nothing doubled
+    pids = [rows[0]["pid"] for _, rows in out]
+    assert executor.restarts == 1
+    assert pids.count(killed) <= 2 and len(set(pids)) == 3  # a fresh actor took over the dead one's batches (in_flight 2)
+    assert_same_rows(dict(out), local_rows)
+
+
+def test_work_fn_errors_end_the_run(local_ray):
+    with pytest.raises(ValueError, match="failed on purpose"):
+        list(RayExecutor(workers=1).map_units(SPEC, UNITS[:2], Latents(fail=True)))
+    with pytest.raises(ValueError, match="failed on purpose"):
+        list(LocalExecutor().map_units(SPEC, UNITS[:2], Latents(fail=True)))
+
+
+def test_arguments():
+    assert batches(list(range(5)), 2) == [[0, 1], [2, 3], [4]]
+    with pytest.raises(ValueError, match="batch_size"):
+        batches([1], 0)
+    with pytest.raises(ValueError, match="needs base"):
+        ModelSpec("/some/checkpoint")
+    with pytest.raises(ValueError, match="unknown dtype"):
+        ModelSpec(dtype="int8")
