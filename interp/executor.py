@@ -90,18 +90,19 @@ def _run_batch(work_fn: WorkFn, model: CodiModel, batch: list[U]) -> list[Rows]:
 
 
 class LocalExecutor(Generic[U]):
-    """Runs every batch in this process, in order. `model`: an already loaded model to use instead of
-    loading one from the spec (what a single-process sweep has at hand)."""
+    """Runs every batch in this process, in order. `model`: an already loaded model used for every call
+    instead of loading one from the spec (what a single-process sweep has at hand)."""
 
     def __init__(self, model: CodiModel | None = None):
         self.model = model
 
     def map_units(self, model_spec: ModelSpec, units: Sequence[U], work_fn: WorkFn, *, batch_size: int = 1) -> Iterator[tuple[U, Rows]]:
         work = batches(units, batch_size)
-        if self.model is None and work:
-            self.model = model_spec.load()
+        if not work:
+            return
+        model = self.model if self.model is not None else model_spec.load()
         for batch in work:
-            yield from zip(batch, _run_batch(work_fn, self.model, batch))
+            yield from zip(batch, _run_batch(work_fn, model, batch))
 
 
 class _Worker:
