@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from nnsight import NNsight
@@ -52,31 +53,33 @@ class CodiRun:
     layer_outputs: Tensor | None = None
 
 
-def peft_codi(state: Mapping[str, Tensor], base: PreTrainedModel, *, lora_alpha: float = 32.0) -> tuple[nn.Module, nn.Sequential]:
-    """The (peft model, prj) of an official CODI state_dict (`codi.*` and `prj.*` keys) on an HF base.
+def hf_codi(state: Mapping[str, Tensor], base: PreTrainedModel, *, lora_alpha: float = 32.0) -> tuple[nn.Module, nn.Sequential]:
+    """The (HF model, prj) of an official CODI state_dict (`codi.*` and `prj.*` keys) on an HF base.
 
-    The base is copied and its vocabulary grown by 3 (pad, bot, eot); the LoRA rank and targets are
-    read from the `lora_A` keys; `lora_alpha` is not stored in checkpoints (the released scripts use 32).
+    The base is copied and its vocabulary grown to the checkpoint's (V + 3: pad, bot, eot). With LoRA
+    keys the model is wrapped in peft (rank and targets read from the `lora_A` keys; `lora_alpha` is not
+    stored in checkpoints, the released scripts use 32); without, the weights load into the plain model.
     Loading is strict: a missing, unused or mis-shaped key raises (a tied `lm_head` may be absent).
     """
     codi_state = {k.removeprefix("codi."): v for k, v in state.items() if k.startswith("codi.")}
     prj_state = {k.removeprefix("prj."): v for k, v in state.items() if k.startswith("prj.")}
     unknown = sorted(k for k in state if not k.startswith(("codi.", "prj.")))
-    if unknown:
-        raise ValueError(f"keys outside codi.* and prj.*: {unknown[:5]}; is this a CODI checkpoint?")
-    lora_a = {k: v for k, v in codi_state.items() if k.endswith("lora_A.default.weight")}
-    if not lora_a:
-        raise ValueError("no LoRA weights (…lora_A.default.weight) in the checkpoint; expected a CODI checkpoint")
-    ranks = {v.shape[0] for v in lora_a.values()}
-    if len(ranks) != 1:
-        raise ValueError(f"LoRA ranks differ across modules: {sorted(ranks)}")
-    targets = sorted({k.split(".")[-4] for k in lora_a})
-    from peft import LoraConfig, get_peft_model
-
+    if unknown or not prj_state:
+        raise ValueError(f"expected codi.* and prj.* keys only (a CODI checkpoint); unknown {unknown[:5]}, prj keys {sorted(prj_state)}")
     model = copy.deepcopy(base)
-    vocab = codi_state["base_model.model.model.embed_tokens.weight"].shape[0]
-    model.resize_token_embeddings(vocab, mean_resizing=False)
-    model = get_peft_model(model, LoraConfig(r=ranks.pop(), lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=targets))
+    embed_key = next((k for k in codi_state if k.endswith("embed_tokens.weight")), None)
+    if embed_key is None:
+        raise ValueError("no embed_tokens.weight in the checkpoint; expected a LLaMA-family CODI checkpoint")
+    model.resize_token_embeddings(codi_state[embed_key].shape[0], mean_resizing=False)
+    lora_a = {k: v for k, v in codi_state.items() if k.endswith("lora_A.default.weight")}
+    if lora_a:
+        from peft import LoraConfig, get_peft_model
+
+        ranks = {v.shape[0] for v in lora_a.values()}
+        if len(ranks) != 1:
+            raise ValueError(f"LoRA ranks differ across modules: {sorted(ranks)}")
+        targets = sorted({k.split(".")[-4] for k in lora_a})
+        model = get_peft_model(model, LoraConfig(r=ranks.pop(), lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=targets))
     missing, unexpected = model.load_state_dict(codi_state, strict=False)
     tied = model.config.tie_word_embeddings
     missing = [k for k in missing if not (tied and k.endswith("lm_head.weight"))]
@@ -105,6 +108,14 @@ class NnsightCodi:
         self.layers, self.norm = decoder.layers, decoder.norm
         self.n_layers = len(self.hf.model.layers)
         self.bot_id, self.eot_id, self.eos_id, self.num_latents = bot_id, eot_id, eos_id, num_latents
+
+    @classmethod
+    def from_checkpoint(cls, state: Mapping[str, Tensor], base: PreTrainedModel, tokenizer: Any, *, lora_alpha: float = 32.0,
+                        num_latents: int = 6) -> NnsightCodi:
+        """From a CODI state_dict on an HF base of vocabulary V: bot = V + 1, eot = V + 2, eos = the tokenizer's."""
+        model, prj = hf_codi(state, base, lora_alpha=lora_alpha)
+        v = base.get_input_embeddings().weight.shape[0]
+        return cls(model, prj, bot_id=v + 1, eot_id=v + 2, eos_id=tokenizer.eos_token_id, num_latents=num_latents)
 
     @property
     def device(self) -> torch.device:

@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("nnsight", reason="the nnsight baseline needs the bench extra: pip install -e '.[bench]'")
 
-from benchmarks.baselines import NnsightCodi, nnsight_patch, peft_codi
+from benchmarks.baselines import NnsightCodi, hf_codi, nnsight_patch
 from tests.reference import _replace_output, reference_patch
 
 TOL = 1e-4
@@ -106,19 +106,20 @@ def test_nothing_patched_and_all_patched(setup):
     assert float((every.latents[1:] - clean.latents[1:]).abs().max()) < TOL  # latent t+1 = prj(final state at t), now clean
 
 
-def test_peft_codi_loads_checkpoints(setup, tiny_codi):
+def test_hf_codi_loads_checkpoints(setup, tiny_codi):
     _, codi, ids, clean_ids, _, tail = setup
-    _, base, _, paths = tiny_codi
+    _, base, tokenizer, paths = tiny_codi
     want = codi.run(clean_ids, tail, max_new_tokens=MAX_NEW)
     from safetensors.torch import load_file
 
     for state in (torch.load(paths["bin"], weights_only=True), load_file(str(paths["safetensors"]))):
-        model, prj = peft_codi(state, base)
-        got = NnsightCodi(model, prj, bot_id=ids["bot"], eot_id=ids["eot"], eos_id=ids["eos"]).run(clean_ids, tail, max_new_tokens=MAX_NEW)
+        codi = NnsightCodi.from_checkpoint(state, base, tokenizer)
+        assert (codi.bot_id, codi.eot_id, codi.eos_id) == (ids["bot"], ids["eot"], ids["eos"])
+        got = codi.run(clean_ids, tail, max_new_tokens=MAX_NEW)
         assert float((got.logits - want.logits).abs().max()) < TOL
         assert got.answer_ids == want.answer_ids
     with pytest.raises(ValueError, match="does not fit"):
-        peft_codi({**state, "codi.base_model.model.model.extra.weight": torch.zeros(1)}, base)
+        hf_codi({**state, "codi.base_model.model.model.extra.weight": torch.zeros(1)}, base)
 
 
 def test_errors(setup):
