@@ -6,11 +6,13 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 
+from interp.runio import unique_rows
 from interp.score import VALIDITY_TOL
 
 METRICS = ("normalized_effect", "logit_diff", "kl", "flip")
@@ -57,7 +59,16 @@ def paired_differences(df: pd.DataFrame, a: str = "iterative", b: str = "paralle
 
 
 def summarize(rows: list[dict[str, Any]], validity: list[dict[str, Any]], config) -> dict[str, Any]:
-    """Per-cell means with bootstrap CIs, paired iterative-minus-parallel differences, a verdict."""
+    """Per-cell means with bootstrap CIs, paired iterative-minus-parallel differences, a verdict.
+
+    A metric written as null (non-finite) is left out of its cell's n. Repeated test ids or validity
+    pair ids (a file written by an older interp, or by two processes at once) count once, the first
+    row, with a warning.
+    """
+    rows, repeated = unique_rows(rows, "test_id")
+    validity, repeated_pairs = unique_rows(validity, "pair_id")
+    if repeated or repeated_pairs:
+        warnings.warn(f"{repeated} repeated test id(s) and {repeated_pairs} repeated validity pair id(s) ignored: each counts once (its first row)", stacklevel=2)
     failed = [{"pair_id": v["pair_id"], "failed": [k for k, c in v["checks"].items() if not c["passed"]]} for v in validity if not v["passed"]]
     summary: dict[str, Any] = {"hook": config.hook, "n_pairs": len({r["pair_id"] for r in rows}), "n_tests": len(rows)}
     cells, differences = [], []

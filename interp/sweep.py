@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from interp.plan import KINDS, Unit, batch_order, units
 from interp.score import Metric, default_metrics, unit_rows, validity_checks
 from interp.stats import summarize
 from interp.trace import PairTraces, similarity_positions, trace_pair
-from interp.runio import RESULTS, VALIDITY, Run, UsageError, check_output_dir, finite, model_fingerprint, open_run, pairs_sha256, read_jsonl, unique_rows, versions
+from interp.runio import RESULTS, VALIDITY, Run, UsageError, check_output_dir, finite, model_fingerprint, open_run, pairs_sha256, read_jsonl, versions
 
 HOOK_FAMILIES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 #: the engine batches the units of up to this many pairs together (their traces are held meanwhile)
@@ -114,7 +113,7 @@ def check_sweep(model: CodiModel, pairs: Sequence[Pair], config: SweepConfig) ->
             raise UsageError(f"--{name} is empty; accepted: one or more of {','.join(map(str, accepted))}")
         unknown = [v for v in values if v not in accepted]
         if unknown:
-            raise UsageError(f"--{name} {shown}: {unknown[0]!r} is not one; accepted: {','.join(map(str, accepted))}")
+            raise UsageError(f"--{name} {shown}: {unknown[0]!r} is not valid; accepted: {','.join(map(str, accepted))}")
         repeated = sorted({v for v in values if list(values).count(v) > 1})
         if repeated:
             raise UsageError(f"--{name} {shown}: {repeated[0]} is listed twice; give each once")
@@ -130,8 +129,11 @@ def check_sweep(model: CodiModel, pairs: Sequence[Pair], config: SweepConfig) ->
     for layer in layers:
         try:
             name = config.hook_name(layer)
+        except (KeyError, IndexError, ValueError):
+            raise UsageError(f"--hook {config.hook!r}: a template may hold only {{L}} (the layer) in braces; accepted: {accepted_hooks}") from None
+        try:
             check_hook(model, name)
-        except (KeyError, IndexError, ValueError) as exc:
+        except ValueError as exc:
             raise UsageError(f"--hook {config.hook!r}: {exc}; accepted: {accepted_hooks}") from None
     if layer_of(name) is None:
         raise UsageError(f"--hook {config.hook!r}: {name!r} is not inside a block; accepted: {accepted_hooks}")
@@ -151,7 +153,6 @@ def check_pairs(model: CodiModel, pairs: Sequence[Pair]) -> None:
     if repeated:
         raise UsageError(f"--pairs: pair id {repeated[0]!r} occurs {ids.count(repeated[0])} times; accepted: unique pair ids")
     decode = inspect.signature(model.generate).parameters["max_new_tokens"].default
-    n_prefix = len(model.prefix_ids())
     problems = []
     for pair in pairs:
         problem = None
@@ -167,7 +168,8 @@ def check_pairs(model: CodiModel, pairs: Sequence[Pair]) -> None:
                 problem = str(exc)
             else:
                 q = len(model.encode(pair.clean_question))
-                need = q + 1 + model.num_latents + 1 + max(n_prefix + common + 1, decode)
+                layout = model.layout(q, n_answer=common)  # the trace's teacher-forced sequence; decoding feeds decode - 1 tokens after decode_start
+                need = max(layout.seq_len, layout.decode_start + decode)
                 if need > model.cfg.n_ctx:
                     problem = (f"needs {need} positions ({q} question tokens, {model.num_latents} latents, answer and decoding), "
                                f"more than the model's context of {model.cfg.n_ctx}; accepted: shorter questions")

@@ -11,7 +11,9 @@ import torch
 
 from interp import load_codi
 from interp.data.arithmetic import arithmetic_pairs
-from interp.sweep import SweepConfig, read_jsonl, run_sweep, summarize
+from interp.runio import read_jsonl
+from interp.stats import summarize
+from interp.sweep import SweepConfig, run_sweep
 
 CONFIG = SweepConfig(kinds=("single",), layers=(1,), bootstrap=200)
 
@@ -59,7 +61,7 @@ def test_interrupted_sweep_resumes_without_loss_or_repetition(model, tmp_path):
 def test_resume_refuses_other_config(model, tmp_path):
     pairs = arithmetic_pairs(1, seed=3)
     run_sweep(model, pairs, tmp_path, SweepConfig(kinds=("all",), layers=(0,), bootstrap=50), progress=False)
-    with pytest.raises(ValueError, match="holds a run with another config or other pairs"):
+    with pytest.raises(ValueError, match=r"holds another experiment, differing in config\.layers \(\[0\] -> \[2\]\)"):
         run_sweep(model, pairs, tmp_path, SweepConfig(kinds=("all",), layers=(2,), bootstrap=50), progress=False)
 
 
