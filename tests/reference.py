@@ -1,8 +1,11 @@
 """An independent CODI implementation in plain `transformers` + `peft` for the tests.
 
-It shares no code with `interp/`: LoRA stays unmerged (peft computes it), there is no KV cache
-(every step recomputes the whole sequence), and activations are read with PyTorch forward hooks
-on the HF decoder layers. Slow and obviously correct is the point.
+It shares no code with `interp/`: LoRA stays unmerged (peft computes it, Conv1D included), there
+is no KV cache (every step recomputes the whole sequence, so HF assigns positions 0..n-1 as the
+official batch-1 run does), and activations are read with PyTorch forward hooks on the HF decoder
+layers (LlamaForCausalLM `model.layers`, GPT2LMHeadModel `transformer.h`). Slow and obviously
+correct is the point. `remove_eos=False` is the official code's default: [eos, bot] after the
+question and [eot, eos] before decoding.
 """
 
 from __future__ import annotations
@@ -23,8 +26,20 @@ class ReferenceCodi(nn.Module):
 
     @property
     def hf_model(self):
-        """The LlamaForCausalLM inside (peft-wrapped or not); used for its layers and embeddings."""
+        """The HF causal LM inside (peft-wrapped or not); used for its layers and embeddings."""
         return self.codi.get_base_model() if hasattr(self.codi, "get_base_model") else self.codi
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The decoder layers: `model.layers` (LLaMA) or `transformer.h` (GPT-2)."""
+        hf = self.hf_model
+        return hf.model.layers if hasattr(hf, "model") else hf.transformer.h
+
+    def module(self, kind: str, layer: int) -> nn.Module:
+        """Decoder layer `layer` ("layer"), its attention ("attn") or its MLP ("mlp")."""
+        block = self.blocks[layer]
+        attn = block.self_attn if hasattr(block, "self_attn") else block.attn
+        return {"layer": block, "attn": attn, "mlp": block.mlp}[kind]
 
     def embed(self, ids: list[int]) -> torch.Tensor:
         return self.hf_model.get_input_embeddings()(torch.tensor([ids]))
@@ -35,15 +50,17 @@ class ReferenceCodi(nn.Module):
         return out.hidden_states[-1][:, -1]
 
     @torch.no_grad()
-    def generate(self, question_ids: list[int], *, bot: int, eot: int, eos: int, num_latents: int, max_new_tokens: int):
+    def generate(
+        self, question_ids: list[int], *, bot: int, eot: int, eos: int, num_latents: int, max_new_tokens: int, remove_eos: bool = True
+    ):
         """The official loop. Returns (latents [K, d], answer ids up to and including eos)."""
-        embeds = self.embed(question_ids + [bot])
+        embeds = self.embed(question_ids + ([] if remove_eos else [eos]) + [bot])
         latents = []
         for _ in range(num_latents):
             latent = self.prj(self.final_state(embeds))[:, None]
             latents.append(latent[0, 0])
             embeds = torch.cat([embeds, latent], dim=1)
-        embeds = torch.cat([embeds, self.embed([eot])], dim=1)
+        embeds = torch.cat([embeds, self.embed([eot] + ([] if remove_eos else [eos]))], dim=1)
         answer = []
         for _ in range(max_new_tokens):
             logits = self.codi(inputs_embeds=embeds).logits[0, -1, :eot]
@@ -60,7 +77,7 @@ class ReferenceCodi(nn.Module):
         outputs: list[torch.Tensor] = []
         handles = [
             layer.register_forward_hook(lambda mod, args, out: outputs.append((out[0] if isinstance(out, tuple) else out)[0]))
-            for layer in self.hf_model.model.layers
+            for layer in self.blocks
         ]
         try:
             self.codi(inputs_embeds=embeds)
@@ -69,10 +86,14 @@ class ReferenceCodi(nn.Module):
                 h.remove()
         return outputs
 
-    def sequence_embeds(self, question_ids: list[int], latents: torch.Tensor, tail_ids: list[int], *, bot: int, eot: int):
-        """Embeddings of [question, bot, latents, eot, tail]."""
+    def sequence_embeds(
+        self, question_ids: list[int], latents: torch.Tensor, tail_ids: list[int], *, bot: int, eot: int, eos: int | None = None, remove_eos: bool = True
+    ):
+        """Embeddings of [question, bot, latents, eot, tail] ([question, eos, bot, ..., eot, eos, tail]
+        when remove_eos is False)."""
+        extra = [] if remove_eos else [eos]
         return torch.cat(
-            [self.embed(question_ids + [bot]), latents[None], self.embed([eot] + tail_ids)], dim=1
+            [self.embed(question_ids + extra + [bot]), latents[None], self.embed([eot] + extra + tail_ids)], dim=1
         )
 
 
@@ -108,29 +129,30 @@ def reference_patch(
     strategy: str,
     bot: int,
     eot: int,
+    eos: int | None = None,
+    remove_eos: bool = True,
 ):
-    """Patch clean outputs of `model.layers[layer]` (module "layer") or its `self_attn` / `mlp`
+    """Patch clean outputs of decoder layer `layer` (module "layer") or its attention / mlp
     into the corrupted run at `positions`, full recompute, no KV cache.
 
     clean_layer_outputs [seq, d]: the clean run's output of that module. Returns (logits at the
     last position [vocab], latents fed [K, d]).
     """
-    block = ref.hf_model.model.layers[layer]
-    target = {"layer": block, "attn": block.self_attn, "mlp": block.mlp}[module]
+    target = ref.module(module, layer)
     values = clean_layer_outputs[positions]
     handle = _replace_output(target, positions, values)
     try:
         if strategy == "parallel":
             latents = corrupted_latents
         else:
-            embeds = ref.embed(corrupted_ids + [bot])
+            embeds = ref.embed(corrupted_ids + ([] if remove_eos else [eos]) + [bot])
             fed = []
             for _ in range(corrupted_latents.shape[0]):
                 latent = ref.prj(ref.final_state(embeds))
                 fed.append(latent[0])
                 embeds = torch.cat([embeds, latent[:, None]], dim=1)
             latents = torch.stack(fed)
-        embeds = ref.sequence_embeds(corrupted_ids, latents, tail_ids, bot=bot, eot=eot)
+        embeds = ref.sequence_embeds(corrupted_ids, latents, tail_ids, bot=bot, eot=eot, eos=eos, remove_eos=remove_eos)
         logits = ref.codi(inputs_embeds=embeds).logits[0, -1]
     finally:
         handle.remove()
@@ -139,9 +161,8 @@ def reference_patch(
 
 @torch.no_grad()
 def module_outputs(ref: ReferenceCodi, embeds: torch.Tensor, module: str, layer: int) -> torch.Tensor:
-    """Output [seq, d] of model.layers[layer] ("layer"), its self_attn ("attn") or mlp ("mlp")."""
-    block = ref.hf_model.model.layers[layer]
-    target = {"layer": block, "attn": block.self_attn, "mlp": block.mlp}[module]
+    """Output [seq, d] of decoder layer `layer` ("layer"), its attention ("attn") or mlp ("mlp")."""
+    target = ref.module(module, layer)
     got = []
     handle = target.register_forward_hook(lambda m, a, out: got.append((out[0] if isinstance(out, tuple) else out)[0].clone()))
     try:
