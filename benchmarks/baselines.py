@@ -3,13 +3,14 @@
 `nnsight_patch` is how a researcher who does not use `interp` would patch CODI with nnsight
 (https://nnsight.net, 0.8 API) on the plain transformers + peft model:
 
-- the model is the HF causal LM wrapped in peft (LoRA unmerged) plus the projection `prj`;
+- the model is the HF causal LM (LLaMA family or GPT-2) wrapped in peft (LoRA unmerged) plus the
+  projection `prj`;
   `NnsightCodi` wraps it in `nnsight.NNsight` and runs every forward pass as `model.trace(...)`;
 - the latent loop runs with an HF `DynamicCache`, as `generate` does: one pass over
   [question, bot], then one pass per latent, each latent = prj(final-normed state at the last
   position, read from `norm.output`), then one pass over [eot, teacher-forced tail];
-- a patch writes the clean run's output of `model.layers[L]` (TransformerLens
-  `blocks.L.hook_resid_post`) at the chosen latent positions: `layers[L].output[:, i] = clean`;
+- a patch writes the clean run's output of decoder layer L (`model.layers[L]`, GPT-2 `transformer.h[L]`;
+  TransformerLens `blocks.L.hook_resid_post`) at the chosen latent positions: `layers[L].output[0, i] = clean`;
 - strategies: "parallel" holds the latent inputs at the corrupted run's latents and patches all
   positions in one pass over the whole sequence; "iterative" re-runs the latent loop on the corrupted
   prompt, patching latent t's position at step t, so later latents are regenerated from the patched
@@ -67,9 +68,9 @@ def hf_codi(state: Mapping[str, Tensor], base: PreTrainedModel, *, lora_alpha: f
     if unknown or not prj_state:
         raise ValueError(f"expected codi.* and prj.* keys only (a CODI checkpoint); unknown {unknown[:5]}, prj keys {sorted(prj_state)}")
     model = copy.deepcopy(base)
-    embed_key = next((k for k in codi_state if k.endswith("embed_tokens.weight")), None)
+    embed_key = next((k for k in codi_state if k.endswith(("embed_tokens.weight", "wte.weight"))), None)
     if embed_key is None:
-        raise ValueError("no embed_tokens.weight in the checkpoint; expected a LLaMA-family CODI checkpoint")
+        raise ValueError("no input embedding (embed_tokens.weight or wte.weight) in the checkpoint; expected a LLaMA or GPT-2 CODI checkpoint")
     model.resize_token_embeddings(codi_state[embed_key].shape[0], mean_resizing=False)
     lora_a = {k: v for k, v in codi_state.items() if k.endswith("lora_A.default.weight")}
     if lora_a:
@@ -79,7 +80,9 @@ def hf_codi(state: Mapping[str, Tensor], base: PreTrainedModel, *, lora_alpha: f
         if len(ranks) != 1:
             raise ValueError(f"LoRA ranks differ across modules: {sorted(ranks)}")
         targets = sorted({k.split(".")[-4] for k in lora_a})
-        model = get_peft_model(model, LoraConfig(r=ranks.pop(), lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=targets))
+        conv1d = model.config.model_type == "gpt2"  # GPT-2's Conv1D stores [in, out]: peft needs fan_in_fan_out
+        lora = LoraConfig(r=ranks.pop(), lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=targets, fan_in_fan_out=conv1d)
+        model = get_peft_model(model, lora)
     missing, unexpected = model.load_state_dict(codi_state, strict=False)
     tied = model.config.tie_word_embeddings
     missing = [k for k in missing if not (tied and k.endswith("lm_head.weight"))]
@@ -104,9 +107,11 @@ class NnsightCodi:
         self.hf = codi.get_base_model() if hasattr(codi, "get_base_model") else codi
         self.prj = prj
         self.model = NNsight(codi)
-        decoder = self.model.base_model.model.model if self.hf is not codi else self.model.model
-        self.layers, self.norm = decoder.layers, decoder.norm
-        self.n_layers = len(self.hf.model.layers)
+        gpt2 = self.hf.config.model_type == "gpt2"
+        root = self.model.base_model.model if self.hf is not codi else self.model  # the HF model's envoy
+        decoder = root.transformer if gpt2 else root.model
+        self.layers, self.norm = (decoder.h, decoder.ln_f) if gpt2 else (decoder.layers, decoder.norm)
+        self.n_layers = self.hf.config.num_hidden_layers
         self.bot_id, self.eot_id, self.eos_id, self.num_latents = bot_id, eot_id, eos_id, num_latents
 
     @classmethod
