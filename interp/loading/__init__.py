@@ -29,6 +29,7 @@ from interp.loading.checkpoint import (
     CHECKPOINT_FILES,
     CheckpointError,
     build_prj,
+    check_architecture,
     check_finite,
     check_lm_keys,
     merge_lora,
@@ -165,17 +166,15 @@ def load_codi(
                 f"trained on (defaults exist only for the official hub ids {', '.join(OFFICIAL_BASES)})"
             )
         base = default_base(str(checkpoint))
+    found = None if isinstance(checkpoint, dict) else resolve_checkpoint(checkpoint, revision)
     config, tokenizer, base_found = load_base(base, base_revision)
     arch = architecture(config)
-    if isinstance(checkpoint, dict):
-        state, found = checkpoint, None
-    else:
-        found = resolve_checkpoint(checkpoint, revision)
-        state = read_state_dict(found.path)
+    state = checkpoint if found is None else read_state_dict(found.path)
     if (revision is not None and (found is None or found.repo_id is None)) or (base_revision is not None and (base_found is None or base_found.repo_id is None)):
         raise CheckpointError("revision= and base_revision= apply to hub ids only; a local path is read as it is")
     check_finite(state)
     lm, prj_state = split_state_dict(state)
+    check_architecture(lm, arch)
     merged, lora = merge_lora(lm, lora_alpha, arch)
     weights = check_lm_keys(merged, config, arch)
     prj = build_prj(prj_state, config.hidden_size).to(device=device, dtype=dtype)
