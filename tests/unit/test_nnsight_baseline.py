@@ -1,4 +1,4 @@
-"""The nnsight peer baseline (benchmarks/baselines.py) against tests/reference.py on the tiny Llama-3.2 CODI.
+"""The nnsight peer baseline (benchmarks/baselines.py) against tests/reference.py on the tiny Llama-3.2 and GPT-2 CODIs.
 
 The reference recomputes every sequence in full with PyTorch forward hooks; the baseline runs nnsight
 traces with a KV cache. Both must give the same latents, answer logits and greedy answers.
@@ -55,7 +55,7 @@ def reference_run(ref, ids, question, tail):
 def reference_patched_answer(ref, ids, question, latents, layer, positions, values):
     """Greedy decode after eot with the patch hook on (full recompute per token)."""
     embeds = ref.sequence_embeds(question, latents, [], bot=ids["bot"], eot=ids["eot"])
-    handle = _replace_output(ref.hf_model.model.layers[layer], positions, values)
+    handle = _replace_output(ref.module("layer", layer), positions, values)
     answer: list[int] = []
     try:
         for _ in range(MAX_NEW):
@@ -100,6 +100,32 @@ def test_patch_matches_reference(setup, strategy):
         assert got.answer_ids == want_answer, (layer, latents)
         effects.append(float((got.logits - corrupted_logits).abs().max()))
     assert max(effects) > 1e-3  # the patches are not no-ops
+
+
+def test_gpt2(tiny_gpt2_codi):
+    """GPT-2 CODI (Conv1D LoRA, learned positions) loaded from its checkpoint file by `hf_codi`."""
+    ref, base, tokenizer, paths = tiny_gpt2_codi
+    codi = NnsightCodi.from_checkpoint(torch.load(paths["bin"], weights_only=True), base, tokenizer)
+    ids = {"bot": codi.bot_id, "eot": codi.eot_id, "eos": codi.eos_id}
+    clean_ids, corrupted_ids = tokenizer("7 +5 *3 -2").input_ids, tokenizer("7 +6 *3 -2").input_ids
+    assert len(clean_ids) == len(corrupted_ids)
+    tail = tokenizer(" The answer is:").input_ids
+    latents, answer, outputs, logits = reference_run(ref, ids, clean_ids, tail)
+    clean = codi.run(clean_ids, tail, max_new_tokens=MAX_NEW)
+    assert float((clean.latents - latents).abs().max()) < TOL
+    assert float((clean.logits - logits).abs().max()) < TOL
+    assert clean.answer_ids == answer
+    corrupted = codi.run(corrupted_ids, tail, max_new_tokens=MAX_NEW)
+    for strategy in ("parallel", "iterative"):
+        for layer, patched in [(0, (0,)), (2, (3,)), (1, (0, 1, 2, 3, 4, 5))]:
+            positions = [len(corrupted_ids) + 1 + t for t in patched]
+            want_logits, want_latents = reference_patch(
+                ref, corrupted_ids, corrupted.latents, outputs[layer], tail,
+                module="layer", layer=layer, positions=positions, strategy=strategy, bot=ids["bot"], eot=ids["eot"],
+            )
+            got = nnsight_patch(codi, corrupted_ids, corrupted.latents, clean.layer_outputs[layer], tail, layer=layer, latents=patched, strategy=strategy)
+            assert float((got.logits - want_logits).abs().max()) < TOL, (strategy, layer, patched)
+            assert float((got.latents - want_latents).abs().max()) < TOL, (strategy, layer, patched)
 
 
 def test_nothing_patched_and_all_patched(setup):
