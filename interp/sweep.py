@@ -266,7 +266,8 @@ def _sweep(model: CodiModel, pairs: Sequence[Pair], config: SweepConfig, run: Ru
     group: list[PairTraces] = []  # pairs traced so far and not yet run, batched together
     group_units: list[tuple[int, Unit]] = []
     for n, (pair_index, pair_units) in enumerate(by_pair.items()):
-        pt = trace_pair(model, pairs[pair_index], names_filter=lambda name: name.endswith("." + config.family))  # lean: what the sweep reads
+        # lean: what the units read (the family) and what the validity checks patch (blocks.0.hook_resid_pre)
+        pt = trace_pair(model, pairs[pair_index], names_filter=lambda name: name.endswith("." + config.family) or name == "blocks.0.hook_resid_pre")
         if pt.pair.id not in checked:
             report = validity_checks(model, pt, config.strategies)
             run.validity.append([report])
