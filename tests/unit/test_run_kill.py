@@ -1,164 +1,202 @@
 """Killed at any moment or out of disk space: no finished row lost, none doubled, the run resumes.
 
-Kills are simulated in-process at random byte offsets of the appends (fixed seed): the write
-hook writes the bytes a killed process would have written and raises `Killed`, a BaseException
-the appender does not catch, as a real SIGKILL leaves no handler a chance to run. Some resumes are
-killed inside the torn-tail truncation, before or after it. One real SIGKILL of `interp patch`
-checks the same on a subprocess.
+The sweep's orchestration and file I/O run for real (`run_sweep` on the embedded model: checks,
+fingerprint, lock, appends, summary); its compute (`trace_pair`, `validity_checks`, the engine) is
+replaced by `stub_engine`, whose rows are a pure function of the unit, so that a resumed run must
+reproduce every line of an uninterrupted run's results.jsonl byte for byte (in its own order: a
+resume batches the remaining units differently), and many kills fit in seconds.
+(The engine's own resume equality is tests/unit/test_sweep.py's.)
+
+Kills are simulated in-process at random byte offsets of the appends (fixed seed): the write hook
+writes the bytes a killed process would have written and raises `Killed`, a BaseException the
+appender does not catch, as a SIGKILL leaves no handler a chance to run. Some resumes are killed
+inside the torn-tail truncation, before or after it. Two subprocesses are killed by a real SIGKILL,
+sent to themselves at a byte offset and at the truncation.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import random
 import signal
 import subprocess
 import sys
-import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from interp import load_codi
-from interp.cli import main
-from interp.data import save_pairs
+import interp.sweep as sweep
 from interp.data.arithmetic import arithmetic_pairs
 from interp.runio import read_jsonl
 from interp.sweep import SweepConfig, run_sweep
 
-CONFIG = SweepConfig(kinds=("single",), layers=(1,), strategies=("parallel", "iterative"), bootstrap=50)
-COMPARED = ("logit_diff", "normalized_effect", "kl", "patched_answer")
+CONFIG = SweepConfig(kinds=("single", "all"), strategies=("parallel", "iterative"), bootstrap=20)
+REPO = Path(__file__).resolve().parents[2]
 
 
 class Killed(BaseException):
     """What a SIGKILL does to the process: it stops right here."""
 
 
-@pytest.fixture(scope="module")
-def model(tiny_codi):
-    _, base, tok, paths = tiny_codi
-    return load_codi(paths["bin"], (base, tok), device="cpu")
+def stub_engine(setattr_) -> None:
+    """Replace the sweep's compute with stand-ins whose rows depend only on the unit (few units per batch)."""
+
+    def rows(group, batch, config, *_):
+        out = []
+        for g, u in batch:
+            pair, hook = group[g].pair, config.hook_name(u.layer)
+            unit = []
+            for s in config.strategies:
+                test_id = u.test_id(pair.id, hook, s)
+                value = int(hashlib.sha256(test_id.encode()).hexdigest()[:6], 16) / 2**24
+                unit.append({"test_id": test_id, "pair_id": pair.id, "hook": hook, "layer": u.layer, "kind": u.kind, "latents": list(u.latents),
+                             "strategy": s, "normalized_effect": value, "logit_diff": value, "kl": None, "flip": value > 0.5, "pad": "x" * 150})
+            out.append(unit)
+        return out
+
+    setattr_(sweep, "trace_pair", lambda model, pair, **_: SimpleNamespace(pair=pair))
+    setattr_(sweep, "validity_checks", lambda model, pt, strategies: {"pair_id": pt.pair.id, "checks": {"nothing_is_corrupted/parallel": {"max_abs_diff": 0.0, "passed": True}}, "passed": True})
+    setattr_(sweep, "sweep_patcher", lambda *args: SimpleNamespace(batch_size=3))
+    setattr_(sweep, "run_units", lambda patcher, group, batch, config, *rest: rows(group, batch, config))
 
 
-def _in(fd: int, run_dir) -> bool:
+def _in(fd: int, run_dir: Path) -> bool:
     return os.readlink(f"/proc/self/fd/{fd}").startswith(str(run_dir))
 
 
-def kill_after(monkeypatch, run_dir, budget: int, truncate: str | None) -> None:
-    """Let the next `budget` bytes written into run_dir through os.write land, then kill;
+def kill_after(setattr_, run_dir: Path, budget: int, truncate: str | None, kill) -> None:
+    """Let the next `budget` bytes written into run_dir through os.write land, then `kill()`;
     `truncate` "before"/"after": kill at the torn-tail truncation instead, before or after it."""
     real_write, real_truncate = os.write, os.ftruncate
     left = [budget]
 
     def write(fd, data):
-        if not _in(fd, run_dir):
-            return real_write(fd, data)
-        if len(data) <= left[0]:
-            left[0] -= len(data)
+        if not _in(fd, run_dir) or len(data) <= left[0]:
+            left[0] -= len(data) if _in(fd, run_dir) else 0
             return real_write(fd, data)
         real_write(fd, bytes(data[: left[0]]))
-        raise Killed
+        kill()
 
     def ftruncate(fd, length):
-        if truncate == "after":
-            real_truncate(fd, length)
         if truncate is not None and _in(fd, run_dir):
-            raise Killed
+            if truncate == "after":
+                real_truncate(fd, length)
+            kill()
         real_truncate(fd, length)
 
-    monkeypatch.setattr(os, "write", write)
-    monkeypatch.setattr(os, "ftruncate", ftruncate)
+    setattr_(os, "write", write)
+    setattr_(os, "ftruncate", ftruncate)
 
 
-def _rows_by_id(path):
-    rows = read_jsonl(path)
-    ids = [r["test_id"] for r in rows]
-    assert len(ids) == len(set(ids)), "a test id was written twice"
-    return {r["test_id"]: r for r in rows}
+def _raise_killed():
+    raise Killed
 
 
-def _same_rows(got: dict, want: dict) -> None:
-    assert sorted(got) == sorted(want)
-    for tid, row in want.items():
-        for key in COMPARED:
-            assert got[tid][key] == pytest.approx(row[key], abs=1e-5), (tid, key)
+def sigkill_self():
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
-def test_killed_at_random_bytes_and_truncations_resumes_to_the_uninterrupted_rows(model, tmp_path, monkeypatch):
-    pairs = arithmetic_pairs(1, seed=3)
+@pytest.fixture(scope="module")
+def model():
+    from interp import load_default
+
+    return load_default()
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return arithmetic_pairs(2, seed=3)
+
+
+@pytest.fixture
+def uninterrupted(model, pairs, tmp_path, monkeypatch):
+    stub_engine(monkeypatch.setattr)
     run_sweep(model, pairs, tmp_path / "fresh", CONFIG, progress=False)
-    fresh = _rows_by_id(tmp_path / "fresh" / "results.jsonl")
-    total = sum((tmp_path / "fresh" / f).stat().st_size for f in ("results.jsonl", "validity.jsonl"))
+    return (tmp_path / "fresh" / "results.jsonl").read_bytes()
 
+
+def same_lines(a: bytes, b: bytes) -> bool:
+    """The same rows, byte for byte, in any order."""
+    return sorted(a.splitlines(keepends=True)) == sorted(b.splitlines(keepends=True))
+
+
+def _check_no_repeats(path: Path) -> None:
+    ids = [r["test_id"] for r in read_jsonl(path)]
+    assert len(ids) == len(set(ids)), "a test id was written twice"
+
+
+def test_killed_at_random_bytes_and_truncations_resumes_to_the_uninterrupted_bytes(model, pairs, tmp_path, monkeypatch, uninterrupted):
     rng = random.Random(0)
     out = tmp_path / "run"
     kills = truncation_kills = 0
-    for _ in range(12):
-        torn = (out / "results.jsonl").exists() and not (out / "results.jsonl").read_bytes().endswith(b"\n")
+    for _ in range(40):
+        results = out / "results.jsonl"
+        torn = results.exists() and not results.read_bytes().endswith(b"\n")
         truncate = rng.choice(["before", "after", None]) if torn else None
-        kill_after(monkeypatch, out, rng.randrange(1, total // 3), truncate)
-        try:
-            run_sweep(model, pairs, out, CONFIG, progress=False)
-        except Killed:
-            kills += 1
-            truncation_kills += truncate is not None
-            _rows_by_id(out / "results.jsonl")  # after every kill: whole rows, each id at most once
-            continue
-        finally:
-            monkeypatch.undo()
-        break
-    else:
-        run_sweep(model, pairs, out, CONFIG, progress=False)
-    assert kills >= 4 and truncation_kills >= 1, (kills, truncation_kills)
-    data = (out / "results.jsonl").read_bytes()
-    assert data.endswith(b"\n") and data.count(b"\n") == len(fresh)
-    _same_rows(_rows_by_id(out / "results.jsonl"), fresh)
-    assert [v["pair_id"] for v in read_jsonl(out / "validity.jsonl")] == [pairs[0].id]
-    assert json.loads((out / "summary.json").read_text())["n_tests"] == len(fresh)
+        with monkeypatch.context() as m:
+            kill_after(m.setattr, out, rng.randrange(1, len(uninterrupted) // 6), truncate, _raise_killed)
+            try:
+                run_sweep(model, pairs, out, CONFIG, progress=False)
+                break
+            except Killed:
+                kills += 1
+                truncation_kills += truncate is not None
+        _check_no_repeats(results)  # after every kill: whole rows, each id at most once
+    assert kills >= 8 and truncation_kills >= 2, (kills, truncation_kills)
+    assert same_lines((out / "results.jsonl").read_bytes(), uninterrupted)
+    assert [v["pair_id"] for v in read_jsonl(out / "validity.jsonl")] == [p.id for p in pairs]
+    assert json.loads((out / "summary.json").read_text())["n_tests"] == uninterrupted.count(b"\n")
 
 
-def test_full_disk_mid_unit_then_resume(model, tmp_path, monkeypatch):
-    pairs = arithmetic_pairs(1, seed=3)
+def test_full_disk_mid_unit_then_resume(model, pairs, tmp_path, monkeypatch, uninterrupted):
     out = tmp_path / "run"
     real_write = os.write
-    seen = [0]
+    units_written = [0]
 
-    def full_after_two_units(fd, data):
+    def full_on_the_third_unit(fd, data):
         if _in(fd, out) and os.readlink(f"/proc/self/fd/{fd}").endswith("results.jsonl"):
-            seen[0] += 1
-            if seen[0] == 3:  # the third unit: part of it fits, then the disk is full
+            units_written[0] += 1
+            if units_written[0] == 3:  # part of it fits, then the disk is full
                 real_write(fd, bytes(data[: len(data) // 2]))
                 raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(fd, data)
 
-    monkeypatch.setattr(os, "write", full_after_two_units)
-    with pytest.raises(OSError, match="No space left on device"):
-        run_sweep(model, pairs, out, CONFIG, progress=False)
-    monkeypatch.undo()
+    with monkeypatch.context() as m:
+        m.setattr(os, "write", full_on_the_third_unit)
+        with pytest.raises(OSError, match="No space left on device"):
+            run_sweep(model, pairs, out, CONFIG, progress=False)
     data = (out / "results.jsonl").read_bytes()
-    assert data.count(b"\n") == 4 and data.endswith(b"\n")  # two whole units, the third rolled back
-    assert not (out / "summary.json").exists()
+    assert data == b"".join(uninterrupted.splitlines(keepends=True)[:4])  # two whole units; the third rolled back
+    assert not (out / "summary.json").exists() and not (out / "run.pid").exists()
     run_sweep(model, pairs, out, CONFIG, progress=False)
-    run_sweep(model, pairs, tmp_path / "fresh", CONFIG, progress=False)
-    _same_rows(_rows_by_id(out / "results.jsonl"), _rows_by_id(tmp_path / "fresh" / "results.jsonl"))
+    assert same_lines((out / "results.jsonl").read_bytes(), uninterrupted)
 
 
-def test_sigkill_of_interp_patch_resumes_to_the_uninterrupted_rows(tmp_path, capsys):
-    pairs_file = tmp_path / "pairs.json"
-    save_pairs(pairs_file, arithmetic_pairs(2, seed=5), {"source": "test"})
-    args = ["patch", "--pairs", str(pairs_file), "--layers", "0,1,2,3", "--kinds", "single", "--strategy", "parallel,iterative"]
-    out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "interp.cli", *args, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    results = out / "results.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and (not results.exists() or results.read_bytes().count(b"\n") < 8):
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    landed = results.read_bytes().count(b"\n")
-    assert 8 <= landed < 2 * 4 * 6 * 2, landed  # killed mid-sweep
-    main([*args, "--out", str(out)])
-    main([*args, "--out", str(tmp_path / "fresh")])
-    capsys.readouterr()
-    _same_rows(_rows_by_id(results), _rows_by_id(tmp_path / "fresh" / "results.jsonl"))
+SCRIPT = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+from tests.unit import test_run_kill as t
+from interp import load_default
+from interp.data.arithmetic import arithmetic_pairs
+t.stub_engine(setattr)
+t.kill_after(setattr, Path({out!r}), {budget}, {truncate!r}, t.sigkill_self)
+t.run_sweep(load_default(), arithmetic_pairs(2, seed=3), {out!r}, t.CONFIG, progress=False)
+"""
+
+
+def test_real_sigkill_mid_append_and_mid_truncation_then_resume(model, pairs, tmp_path, monkeypatch, uninterrupted):
+    out = tmp_path / "run"
+    for budget, truncate in ((len(uninterrupted) // 3 + 17, None), (10**9, "before")):
+        proc = subprocess.run([sys.executable, "-c", SCRIPT.format(repo=str(REPO), out=str(out), budget=budget, truncate=truncate)],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+        data = (out / "results.jsonl").read_bytes()
+        assert not data.endswith(b"\n") and uninterrupted.startswith(data)  # killed mid-row; the torn tail still there
+        _check_no_repeats(out / "results.jsonl")
+    run_sweep(model, pairs, out, CONFIG, progress=False)  # the lock died with its holder
+    assert same_lines((out / "results.jsonl").read_bytes(), uninterrupted)
