@@ -16,27 +16,76 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (default: the embedded model shipped with interp)")
-    g.add_argument("--checkpoint", help="CODI checkpoint directory or file (model.safetensors / pytorch_model.bin)")
-    g.add_argument("--base", help="local Hugging Face directory of the base model (config + tokenizer)")
-    g.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha (not stored in checkpoints; CODI uses 32)")
+    g.add_argument(
+        "--checkpoint",
+        help="CODI checkpoint: a hub id (zen-E/CODI-gpt2, zen-E/CODI-llama3.2-1b-Instruct), a directory or a file "
+        "(model.safetensors / pytorch_model.bin)",
+    )
+    g.add_argument(
+        "--base",
+        help="base model: a hub id or a local Hugging Face directory (config + tokenizer); optional for the official "
+        "hub checkpoints (CODI-gpt2 -> gpt2, CODI-llama3.2-1b-Instruct -> meta-llama/Llama-3.2-1B-Instruct)",
+    )
+    g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of --checkpoint")
+    g.add_argument("--base-revision", default=None, help="hub revision of --base")
+    g.add_argument(
+        "--lora-alpha",
+        type=float,
+        default=32.0,
+        help="LoRA alpha: not stored in checkpoints; official code default 16, released scripts 32 (default 32). "
+        "The value used is printed when the model loads",
+    )
     g.add_argument("--num-latents", type=int, default=6)
+    g.add_argument(
+        "--remove-eos",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="--remove-eos (default, the released scripts): [question, bot] and [eot] before decoding; "
+        "--no-remove-eos (the official code's default): [question, eos, bot] and [eot, eos]",
+    )
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     g.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
 
 
 def load_model(args: argparse.Namespace):
+    """The model the arguments name; its `load_options` are kept on `args` for `model_provenance`."""
     from interp.loading import load_codi, load_default
 
     dtype = DTYPES[args.dtype]
     if args.checkpoint is None and args.base is None:
-        return load_default(dtype=dtype, device=args.device)
-    if args.checkpoint is None or args.base is None:
-        raise SystemExit("error: --checkpoint and --base go together (or give neither for the embedded model)")
-    return load_codi(args.checkpoint, args.base, lora_alpha=args.lora_alpha, num_latents=args.num_latents, dtype=dtype, device=args.device)
+        model = load_default(dtype=dtype, device=args.device)
+    elif args.checkpoint is None:
+        raise SystemExit("error: --base needs --checkpoint (or give neither for the embedded model)")
+    else:
+        model = load_codi(
+            args.checkpoint,
+            args.base,
+            lora_alpha=args.lora_alpha,
+            num_latents=args.num_latents,
+            remove_eos=args.remove_eos,
+            dtype=dtype,
+            device=args.device,
+            revision=args.revision,
+            base_revision=args.base_revision,
+        )
+        o = model.load_options
+        base = o["base"]["ref"] if isinstance(o["base"], dict) else o["base"]
+        print(
+            f"loaded {args.checkpoint} on base {base}: lora_alpha {o['lora_alpha']:g} (LoRA rank {o['lora_rank']}; alpha is not "
+            f"stored in checkpoints: official code default 16, released scripts 32), remove_eos {o['remove_eos']}",
+            file=sys.stderr,
+        )
+    args.load_options = model.load_options
+    return model
 
 
 def model_provenance(args: argparse.Namespace) -> dict:
-    return {"checkpoint": args.checkpoint or "embedded", "base": args.base or "embedded", "lora_alpha": args.lora_alpha, "dtype": args.dtype}
+    """What run.json records about the model: the arguments, and the loader's options once loaded
+    (resolved paths, hub commits, lora_alpha, num_latents, remove_eos, dtype)."""
+    out = {"checkpoint": args.checkpoint or "embedded", "base": args.base or "embedded", "lora_alpha": args.lora_alpha, "dtype": args.dtype}
+    if getattr(args, "load_options", None) is not None:
+        out["load_options"] = args.load_options
+    return out
 
 
 # ----------------------------------------------------------------------------- commands
@@ -87,9 +136,10 @@ def cmd_pairs(args: argparse.Namespace) -> None:
 
 
 def sweep_config(args: argparse.Namespace):
+    from interp.engine import STRATEGIES
     from interp.sweep import KINDS, SweepConfig
 
-    strategies = ("parallel", "iterative") if args.strategy == "both" else (args.strategy,)
+    strategies = STRATEGIES if args.strategy == "all" else tuple(args.strategy.split(","))
     layers = None
     if args.layers is not None:
         try:
@@ -97,7 +147,7 @@ def sweep_config(args: argparse.Namespace):
         except ValueError:
             raise UsageError(f"--layers {args.layers}: accepted: comma-separated layer numbers, e.g. 0,2,3") from None
     kinds = tuple(args.kinds.split(",")) if args.kinds is not None else KINDS
-    return SweepConfig(hook=args.hook, strategies=strategies, kinds=kinds, layers=layers, seed=args.seed, engine=args.engine)
+    return SweepConfig(hook=args.hook, strategies=strategies, kinds=kinds, layers=layers, seed=args.seed, intervention=args.intervention)
 
 
 def wandb_logger(args: argparse.Namespace, config) -> object | None:
@@ -167,7 +217,11 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from interp.bench import bench_main
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "benchmarks" / "bench.py").is_file():
+        raise SystemExit("error: interp bench runs from a source checkout of interp (benchmarks/ is not installed with the package)")
+    sys.path.insert(0, str(root))
+    from benchmarks.bench import bench_main
 
     rest = args.bench_args
     bench_main(rest[1:] if rest[:1] == ["--"] else rest)
@@ -184,15 +238,16 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def add_sweep_args(p: argparse.ArgumentParser, default_out: str | None) -> None:
     p.add_argument("--hook", default="resid_post", help="hook family (resid_pre|resid_mid|resid_post|attn_out|mlp_out) or a template like 'blocks.{L}.attn.hook_z'")
-    p.add_argument("--strategy", choices=["both", "parallel", "iterative"], default="both")
+    p.add_argument("--strategy", default="all",
+                   help="all (parallel,iterative,feedback) or a comma-separated subset: parallel (attention only), iterative (attention and projection), feedback (projection only)")
     p.add_argument("--kinds", default=None, help="comma-separated subset of single,all,cumulative (default: all three)")
     p.add_argument("--layers", default=None, help="comma-separated layers (default: every layer)")
     p.add_argument("--out", required=default_out is None, default=default_out, help="run directory (resumes if it exists)")
     p.add_argument("--quick", action="store_true", help="5 pairs only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--wandb", action="store_true", help="log to Weights & Biases (honours WANDB_MODE=offline)")
-    p.add_argument("--engine", choices=["fast", "naive"], default="fast",
-                   help="fast: prefix reuse + batched tests (interp.fast); naive: one test at a time. Same results")
+    p.add_argument("--intervention", default="clean",
+                   help="what is written at the sites: clean (the clean run's activation), mean (mean over every pair's clean run), zero")
     p.add_argument("--force-new", action="store_true", help="wipe the run in --out (its results, run.json, summary, report) and start over")
 
 
@@ -295,7 +350,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("bench", add_help=False, help="fast engine vs a naive patcher: same sweep, same results, tests/s (interp bench --help)")
+    p = sub.add_parser("bench", add_help=False, help="the engine vs baselines: same sweep, same results, tests/s (source checkout; interp bench --help)")
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
     return ap
@@ -303,7 +358,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:  # its own parser (interp.bench), options passed through untouched
+    if argv[:1] == ["bench"]:  # its own parser (benchmarks/bench.py), options passed through untouched
         argv = ["bench", "--", *argv[1:]]
     args = parser().parse_args(argv)
     try:

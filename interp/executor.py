@@ -145,8 +145,12 @@ class RayExecutor(Generic[U]):
             num_gpus = 1 if gpus >= 1 else 0
         if not isinstance(num_gpus, (int, float)) or num_gpus < 0:
             raise ValueError(f"num_gpus must be 'auto' or a number >= 0, got {num_gpus!r}")
-        if num_gpus > gpus:
-            raise ValueError(f"num_gpus={num_gpus} per worker but the Ray cluster has {gpus} GPUs")
+        cpus = ray.cluster_resources().get("CPU", 0)
+        if workers * num_gpus > gpus or workers * cpus_per_worker > cpus:  # more would wait forever for resources
+            raise ValueError(
+                f"{workers} workers x ({cpus_per_worker} CPUs, {num_gpus} GPUs) do not fit the Ray cluster ({cpus:g} CPUs, {gpus:g} GPUs); "
+                "use fewer --workers or add nodes"
+            )
         self.ray = ray
         self.workers, self.num_gpus, self.cpus_per_worker = workers, num_gpus, cpus_per_worker
         self.in_flight, self.max_attempts = in_flight, max_attempts

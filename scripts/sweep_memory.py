@@ -12,8 +12,9 @@ import time
 
 import torch
 
-from interp.bench import bench_pairs, smollm2_codi
-from interp.sweep import MAX_GROUP_PAIRS, SweepConfig, run_sweep, trace_pair
+from interp.testing import bench_pairs, smollm2_codi
+from interp.sweep import MAX_GROUP_PAIRS, SweepConfig, run_sweep
+from interp.trace import trace_pair
 
 
 def rss_gib() -> float:

@@ -133,13 +133,31 @@ def reference_patch(
     remove_eos: bool = True,
 ):
     """Patch clean outputs of decoder layer `layer` (module "layer") or its attention / mlp
-    into the corrupted run at `positions`, full recompute, no KV cache.
+    into the corrupted run at `positions`, full recompute, no KV cache. parallel: latents held;
+    iterative: the loop re-run with the patch in every pass; feedback: the loop re-run, the patch
+    only in the pass whose last position is the patched one (that state feeds the projection).
 
     clean_layer_outputs [seq, d]: the clean run's output of that module. Returns (logits at the
     last position [vocab], latents fed [K, d]).
     """
     target = ref.module(module, layer)
     values = clean_layer_outputs[positions]
+    if strategy == "feedback":  # the patch only feeds the projection: no pass that later positions read sees it
+        embeds = ref.embed(corrupted_ids + ([] if remove_eos else [eos]) + [bot])
+        fed = []
+        for _ in range(corrupted_latents.shape[0]):
+            here = embeds.shape[1] - 1
+            handle = _replace_output(target, [here], values[[positions.index(here)]]) if here in positions else None
+            try:
+                latent = ref.prj(ref.final_state(embeds))
+            finally:
+                if handle is not None:
+                    handle.remove()
+            fed.append(latent[0])
+            embeds = torch.cat([embeds, latent[:, None]], dim=1)
+        latents = torch.stack(fed)
+        embeds = ref.sequence_embeds(corrupted_ids, latents, tail_ids, bot=bot, eot=eot, eos=eos, remove_eos=remove_eos)
+        return ref.codi(inputs_embeds=embeds).logits[0, -1], latents
     handle = _replace_output(target, positions, values)
     try:
         if strategy == "parallel":

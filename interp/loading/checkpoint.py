@@ -186,11 +186,22 @@ def expected_shapes(config: PretrainedConfig, arch: Architecture, vocab_rows: in
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def _looks_like(merged: dict[str, torch.Tensor]) -> str | None:
-    """The architecture whose embedding key the checkpoint holds (for the hint of a key mismatch)."""
+def check_architecture(lm: dict[str, torch.Tensor], arch: Architecture) -> None:
+    """Refuse a checkpoint whose language model is another architecture than the base's.
+
+    Recognised by the input embedding's key (before LoRA keys are merged), so a LLaMA checkpoint on
+    a GPT-2 base, or the reverse, gets one line instead of a list of every key.
+    """
     from interp.loading.architectures import ARCHITECTURES
 
-    return next((a.model_type for a in ARCHITECTURES.values() if a.embed_key in merged), None)
+    if arch.embed_key in lm:
+        return
+    for other in ARCHITECTURES.values():
+        if other.embed_key in lm:
+            raise CheckpointError(
+                f"the checkpoint holds a {other.model_type} model ({other.embed_key}) but the base is {arch.model_type} "
+                f"(expects {arch.embed_key}): pass the base the checkpoint was trained on"
+            )
 
 
 def check_lm_keys(merged: dict[str, torch.Tensor], config: PretrainedConfig, arch: Architecture) -> dict[str, torch.Tensor]:
@@ -215,15 +226,9 @@ def check_lm_keys(merged: dict[str, torch.Tensor], config: PretrainedConfig, arc
     if unused:
         problems.append(f"unused keys: {_fmt(unused)}")
     if problems:
-        seen = _looks_like(merged)
-        hint = (
-            f". The checkpoint holds a {seen} model but the base is {arch.model_type}: pass the base it was trained on"
-            if seen is not None and seen != arch.model_type
-            else ""
-        )
         raise CheckpointError(
             f"the checkpoint does not match the base model's architecture ({arch.model_type}, "
-            f"{config.num_hidden_layers} layers, d_model {config.hidden_size}): " + "; ".join(problems) + hint
+            f"{config.num_hidden_layers} layers, d_model {config.hidden_size}): " + "; ".join(problems)
         )
     misshaped = [
         f"{k} {tuple(merged[k].shape)} (expected {shape})"

@@ -42,7 +42,7 @@ def test_a_single_latent_patch_restores_exactly_the_steps_it_carries():
     feeds nothing. A parallel patch holds the fed latents, which carry the answer, and flips none."""
     from interp.data import arithmetic_pairs, filter_by_model
     from interp.patching import patch
-    from interp.sweep import trace_pair
+    from interp.trace import trace_pair
 
     model = load_default()
     by_slot = {}

@@ -12,10 +12,10 @@ import torch
 
 from interp.data.arithmetic import arithmetic_pairs
 from interp.data import align
-from interp.fast import BatchPatcher, Job
+from interp.engine import BatchPatcher, Job
 from interp.metrics import cache_similarity
 from interp.patching import latent_sites, run_patched
-from interp.sweep import similarity_positions, trace_pair
+from interp.trace import similarity_positions, trace_pair
 
 pytestmark = pytest.mark.slow
 

@@ -65,9 +65,9 @@ def test_pair_whose_prompts_tokenize_identically(tmp_path, capsys):
     record = good(id="same")
     record["corrupted_question"] = record["clean_question"]
     path = pairs_file(tmp_path, [good(id="ok"), record])
-    assert fails(["patch", "--pairs", path, "--out", str(tmp_path / "run")], capsys) == (
-        2, "error: --pairs: 1 of 2 pairs cannot be patched on this model; first: pair 'same': its prompts do not align under "
-           "the model's tokenizer (same_tokens); accepted: prompts of equal token length differing only in the changed number")
+    message = ("error: --pairs: 1 of 2 pairs cannot be patched on this model; first: pair 'same': its prompts do not align under "
+               "the model's tokenizer (same_tokens); accepted: prompts of equal token length differing only in the changed number")
+    assert fails(["patch", "--pairs", path, "--out", str(tmp_path / "run")], capsys) == (2, message)
     assert not (tmp_path / "run").exists()
 
 

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from interp.bench import bench_main
+from benchmarks.bench import bench_main
 
 LAST_LINE = re.compile(r"^speedup: (?P<ratio>[0-9.]+)x, max abs diff: (?P<diff>[0-9.]+(?:e[+-]?[0-9]+)?)$")
 

@@ -112,6 +112,13 @@ def test_work_fn_errors_end_the_run(local_ray):
         list(LocalExecutor().map_units(SPEC, UNITS[:2], Latents(fail=True)))
 
 
+def test_workers_must_fit_the_cluster(local_ray):
+    with pytest.raises(ValueError, match="do not fit the Ray cluster"):
+        RayExecutor(workers=3)
+    with pytest.raises(ValueError, match="do not fit the Ray cluster"):
+        RayExecutor(workers=1, num_gpus=1)
+
+
 def test_arguments():
     assert batches(list(range(5)), 2) == [[0, 1], [2, 3], [4]]
     with pytest.raises(ValueError, match="batch_size"):

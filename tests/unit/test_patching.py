@@ -7,8 +7,8 @@ import torch
 
 from interp import load_codi
 from interp.data.pairs import NumberChange, Pair
-from interp.patching import PatchError, Site, patch, run_patched
-from interp.sweep import trace_pair
+from interp.patching import PatchError, Site, patch, patch_sites
+from interp.trace import trace_pair
 from tests.reference import module_outputs, reference_patch
 
 CLEAN_Q, CORRUPTED_Q = "Tom has 3 apples and buys 5 more.", "Tom has 4 apples and buys 5 more."
@@ -35,7 +35,7 @@ def reference(ref, model, clean, corrupted, module, layer, latents, strategy):
 HOOKS = {"layer": "hook_resid_post", "attn": "hook_attn_out", "mlp": "hook_mlp_out"}
 
 
-@pytest.mark.parametrize("strategy", ["parallel", "iterative"])
+@pytest.mark.parametrize("strategy", ["parallel", "iterative", "feedback"])
 @pytest.mark.parametrize("module,layer,latents", [("layer", 0, [0]), ("layer", 1, [2]), ("layer", 2, [1, 3]), ("attn", 1, [0]), ("mlp", 0, [1])])
 def test_matches_reference(setup, strategy, module, layer, latents):
     ref, model, clean, corrupted = setup
@@ -82,9 +82,9 @@ def test_validity_identities(setup):
     _, model, clean, corrupted = setup
     every = tuple(range(corrupted.seq_len))
     for strategy in ("parallel", "iterative"):
-        nothing = run_patched(model, corrupted, clean, [], strategy)
+        nothing = patch_sites(model, corrupted, clean, [], strategy)
         torch.testing.assert_close(nothing.answer_logits, corrupted.answer_logits, rtol=0, atol=1e-5)
-        everything = run_patched(model, corrupted, clean, [Site("blocks.0.hook_resid_pre", every)], strategy)
+        everything = patch_sites(model, corrupted, clean, [Site("blocks.0.hook_resid_pre", every)], strategy)
         torch.testing.assert_close(everything.answer_logits, clean.answer_logits, rtol=0, atol=1e-5)
         assert everything.answer == clean.answer
     # patching reads the traces and never writes into them

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from interp.plots import difference_heatmap, heatmap, latent_decoding_table, layer_lines, load_results, select, similarity_heatmap
-from interp.sweep import SweepConfig, latent_sets, summarize
+from interp.plan import latent_sets
+from interp.stats import summarize
+from interp.sweep import SweepConfig
 
 LAYERS = (0, 2, 5)  # patched layers of a 6-layer model: real layer numbers, not 0..2
 N_MODEL_LAYERS = 6

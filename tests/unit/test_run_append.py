@@ -8,7 +8,14 @@ import os
 
 import pytest
 
-from interp.runio import CorruptFileError, JsonlAppender, atomic_write_json, read_jsonl, scan_jsonl, unique_rows
+from interp.runio import (
+    CorruptFileError,
+    JsonlAppender,
+    atomic_write_json,
+    read_jsonl,
+    scan_jsonl,
+    unique_rows,
+)
 
 A = {"test_id": "a", "x": 1.5}
 B = {"test_id": "b", "x": -2}

@@ -54,9 +54,8 @@ def test_resume_with_another_fingerprint_is_refused_naming_the_fields(tmp_path):
     other = json.loads(json.dumps(FP))
     other["model"]["dtype"] = "bfloat16"
     other["pairs"]["sha256"] = "ef" * 32
-    with pytest.raises(UsageError) as info:
-        with open_run(out, other, {}):
-            pass
+    with pytest.raises(UsageError) as info, open_run(out, other, {}):
+        pass
     assert str(info.value) == (
         f"--out {out} holds another experiment, differing in model.dtype (\"float32\" -> \"bfloat16\"), "
         "pairs.sha256 (\"cdcdcdcdc…dcdcd\" -> \"efefefefe…fefef\"); pass --force-new to start over or choose another --out"
@@ -97,18 +96,15 @@ def test_a_directory_that_is_not_this_run_is_refused(tmp_path, setup, message):
     out.mkdir()
     setup(out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    with pytest.raises(UsageError, match=rf"^--out {out}: {message}; pass --force-new to start over or choose another --out$".replace("(", r"\(").replace(")", r"\)")):
-        with open_run(out, FP, {}):
-            pass
+    with pytest.raises(UsageError, match=rf"^--out {out}: {message}; pass --force-new to start over or choose another --out$".replace("(", r"\(").replace(")", r"\)")), open_run(out, FP, {}):
+        pass
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "run.lock"} == before
 
 
 def test_second_writer_in_this_process_is_refused(tmp_path):
     out = tmp_path / "run"
-    with open_run(out, FP, {}):
-        with pytest.raises(RunError, match=rf"^{out} is being written by process {os.getpid()} on "):
-            with open_run(out, FP, {}):
-                pass
+    with open_run(out, FP, {}), pytest.raises(RunError, match=rf"^{out} is being written by process {os.getpid()} on "), open_run(out, FP, {}):
+        pass
     with open_run(out, FP, {}):  # released
         pass
 
@@ -124,9 +120,8 @@ def test_second_process_is_refused_with_the_holders_pid(tmp_path):
     )
     try:
         assert holder.stdout.readline() == "locked\n"
-        with pytest.raises(RunError, match=rf"^{out} is being written by process {holder.pid} on .*; wait for it to finish or choose another --out$"):
-            with open_run(out, FP, {}):
-                pass
+        with pytest.raises(RunError, match=rf"^{out} is being written by process {holder.pid} on .*; wait for it to finish or choose another --out$"), open_run(out, FP, {}):
+            pass
     finally:
         holder.communicate("", timeout=60)
     assert holder.returncode == 0

