@@ -1,4 +1,4 @@
-"""The fast engine against the reference engine on real SmolLM2-135M weights (a small sweep).
+"""The batched engine against its batch of one on real SmolLM2-135M weights (a small sweep).
 
 fp32 rounding differs between equivalent computation orders (a batched KV-cached continuation vs
 one full pass); on this checkpoint that is ~1e-6 of the logits' scale, so the answer logits are
@@ -14,7 +14,7 @@ from interp.data.arithmetic import arithmetic_pairs
 from interp.data import align
 from interp.engine import BatchPatcher, Job
 from interp.metrics import cache_similarity
-from interp.patching import latent_sites, run_patched
+from interp.patching import latent_sites, patch_sites
 from interp.trace import similarity_positions, trace_pair
 
 pytestmark = pytest.mark.slow
@@ -53,7 +53,7 @@ def test_fast_matches_reference_on_smollm2(smol_codi, traces, strategy):
     patcher = BatchPatcher(model, [(pt.corrupted, pt.clean) for pt in traces], capture="hook_resid_post", capture_positions=positions, batch_size=5, max_new_tokens=MAX_NEW)
     for job, fast in zip(jobs, patcher.run(jobs)):  # batches of 5 rows mix the two pairs
         pt = traces[job.pair]
-        ref = run_patched(model, pt.corrupted, pt.clean, job.sites, strategy, max_new_tokens=MAX_NEW)
+        ref = patch_sites(model, pt.corrupted, pt.clean, job.sites, strategy, max_new_tokens=MAX_NEW)
         scale = float(ref.answer_logits.abs().max())
         assert (fast.answer_logits - ref.answer_logits).abs().max() < 1e-5 * scale, job
         assert (fast.next_logits - ref.next_logits).abs().max() < 1e-5 * scale, job
@@ -75,6 +75,6 @@ def test_fast_matches_reference_in_float64(smol_codi):
     c = pt.corrupted
     jobs = [Job((latent_sites(c, hook, lat, head),), s) for hook, head, lat in CASES[:3] for s in ("parallel", "iterative")]
     for job, fast in zip(jobs, BatchPatcher(model, [(c, pt.clean)], batch_size=8, max_new_tokens=MAX_NEW).run(jobs)):
-        ref = run_patched(model, c, pt.clean, job.sites, job.strategy, max_new_tokens=MAX_NEW)
+        ref = patch_sites(model, c, pt.clean, job.sites, job.strategy, max_new_tokens=MAX_NEW)
         assert (fast.answer_logits - ref.answer_logits).abs().max() < 1e-9, job
         assert fast.generation.answer_ids.tolist() == ref.generation.answer_ids.tolist()

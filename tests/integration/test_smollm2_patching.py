@@ -1,4 +1,4 @@
-"""Both patching strategies on real SmolLM2-135M weights vs the full-recompute HF reference."""
+"""The three patching strategies on real SmolLM2-135M weights vs the full-recompute HF reference."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def test_strategies_match_reference(smol_codi, traces, layer, latent):
     clean_embeds = ref.sequence_embeds(tok(CLEAN_Q)["input_ids"], clean.latents, tail, bot=model.bot_id, eot=model.eot_id)
     clean_out = module_outputs(ref, clean_embeds, "layer", layer)
     results = {}
-    for strategy in ("parallel", "iterative"):
+    for strategy in ("parallel", "iterative", "feedback"):
         result = patch(model, corrupted, clean, f"blocks.{layer}.hook_resid_post", [latent], strategy)
         logits, fed = reference_patch(
             ref, tok(CORRUPTED_Q)["input_ids"], corrupted.latents, clean_out, tail, module="layer", layer=layer,
