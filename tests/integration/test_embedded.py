@@ -52,7 +52,55 @@ def test_a_single_latent_patch_restores_exactly_the_steps_it_carries():
     for slot, pair in sorted(by_slot.items()):
         pt = trace_pair(model, pair)
         for t in range(model.num_latents):
-            for strategy in ("parallel", "iterative"):
+            for strategy in ("parallel", "iterative", "feedback"):  # feedback: the answer is read from the fed latents
                 result = patch(model, pt.corrupted, pt.clean, "blocks.1.hook_resid_post", [t], strategy)
-                expected = strategy == "iterative" and t < model.num_latents - 1 and slot <= t + 2
+                expected = strategy != "parallel" and t < model.num_latents - 1 and slot <= t + 2
                 assert (result.answer == pair.clean_answer) == expected, (slot, t, strategy, result.answer)
+
+
+def test_mean_latents_drop_accuracy_to_the_model_cards_level():
+    """Mean-latent patching (interp.Mean over other problems' traces, written at every fed latent,
+    held: parallel): accuracy falls to chance, as the model card's "mean latent" row (9.7%)."""
+    import interp
+
+    model = load_default()
+    problems = held_out_problems()
+    others = [model.trace(p.question, names_filter="blocks.0.hook_resid_pre") for p in problems[200:300]]
+    mean = interp.Mean(others)
+    correct = 0
+    tested = problems[:60]
+    for p in tested:
+        trace = model.trace(p.question, names_filter="blocks.0.hook_resid_pre")
+        result = interp.patch(model, trace, trace, "blocks.0.hook_resid_pre", range(model.num_latents), "parallel", intervention=mean, with_cache=False)
+        correct += result.answer == p.answer
+    assert correct / len(tested) <= 0.30, correct / len(tested)
+
+
+def test_user_hooks_at_absolute_positions_work_through_generate_trace_and_run_with_hooks():
+    """Zeroing latent 3's residual at layer 2 with interp.at_positions: the same absolute position in the
+    loop's one-position chunks, in the traced full pass and in run_with_hooks; checked against a
+    hand-written hook on a full teacher-forced pass over the hooked loop's latents."""
+    import interp
+
+    model = load_default()
+    question = held_out_problems()[0].question
+    plain = model.trace(question)
+    pos = plain.latent_positions[3]
+    hook = ("blocks.2.hook_resid_post", interp.at_positions(lambda act, hook: torch.zeros_like(act), pos))
+    gen = model.generate(question, fwd_hooks=[hook])
+    torch.testing.assert_close(gen.latents[:4], plain.latents[:4], rtol=0, atol=1e-6)
+    assert (gen.latents[4] - plain.latents[4]).abs().max() > 1e-3  # latent 4 projects the zeroed state
+    traced = model.trace(question, fwd_hooks=[hook])
+    assert float(traced.cache["blocks.2.hook_resid_post"][0, pos].abs().max()) == 0.0
+    logits = model.run_with_hooks(question, fwd_hooks=[hook])
+
+    def manual(act, hook):
+        act[:, pos] = 0.0
+        return act
+
+    tokens, embeds = model.sequence(gen.question_ids, gen.latents)
+    expected = model.forward(embeds[None], fwd_hooks=[("blocks.2.hook_resid_post", manual)]).logits
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(traced.next_logits, expected[0, -1], rtol=0, atol=1e-5)
+    _, cache = model.run_with_cache(question, fwd_hooks=[hook], names_filter="blocks.2.hook_resid_post")
+    assert list(cache.keys()) == ["blocks.2.hook_resid_post"] and float(cache["blocks.2.hook_resid_post"][0, pos].abs().max()) == 0.0
