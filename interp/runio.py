@@ -140,12 +140,15 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def unique_rows(rows: Sequence[dict[str, Any]], key: str) -> tuple[list[dict[str, Any]], int]:
-    """(the rows with the first row of each `key` value kept, how many repeats were dropped)."""
+    """(the rows with the first row of each `key` value kept, how many repeats were dropped).
+
+    Rows without `key` (built by hand, not read from a run) are all kept.
+    """
     seen: set[Any] = set()
     kept = []
     for row in rows:
-        if row[key] not in seen:
-            seen.add(row[key])
+        if key not in row or row[key] not in seen:
+            seen.add(row.get(key))
             kept.append(row)
     return kept, len(rows) - len(kept)
 

@@ -140,3 +140,4 @@ def test_atomic_write_json_is_strict_and_leaves_the_old_file_on_failure(tmp_path
 def test_unique_rows_keeps_the_first_of_each_id():
     rows, dropped = unique_rows([A, B, {"test_id": "a", "x": 9}, C, B], "test_id")
     assert rows == [A, B, C] and dropped == 2
+    assert unique_rows([{"x": 1}, {"x": 1}, A], "test_id") == ([{"x": 1}, {"x": 1}, A], 0)  # hand-built rows: no id to compare
