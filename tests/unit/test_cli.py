@@ -39,7 +39,7 @@ def test_pairs_then_patch_with_wandb_offline(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     main(["patch", "--pairs", str(pairs_file), "--layers", "1", "--kinds", "all", "--out", str(out), "--quick", "--wandb"])
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert len(rows) == 3 * 2 and {r["strategy"] for r in rows} == {"parallel", "iterative"}
+    assert len(rows) == 3 * 3 and {r["strategy"] for r in rows} == {"parallel", "iterative", "feedback"}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["validity"]["n_failed"] == 0
     assert summary["verdict"] in capsys.readouterr().out

@@ -39,13 +39,13 @@ def test_interrupted_sweep_resumes_without_loss_or_repetition(model, tmp_path):
 
     with pytest.raises(Interrupt):
         run_sweep(model, pairs, tmp_path / "run", CONFIG, progress=False, logger=stop_after_three)
-    assert len(read_jsonl(tmp_path / "run" / "results.jsonl")) == 6  # 3 units x 2 strategies landed
+    assert len(read_jsonl(tmp_path / "run" / "results.jsonl")) == 9  # 3 units x 3 strategies landed
     with open(tmp_path / "run" / "results.jsonl", "a") as f:
         f.write('{"test_id": "torn')  # a write cut short by the kill
     run_sweep(model, pairs, tmp_path / "run", CONFIG, progress=False)
     resumed = read_jsonl(tmp_path / "run" / "results.jsonl")
     ids = [r["test_id"] for r in resumed]
-    assert len(ids) == len(set(ids)) == 12
+    assert len(ids) == len(set(ids)) == 18
 
     run_sweep(model, pairs, tmp_path / "fresh", CONFIG, progress=False)
     fresh = {r["test_id"]: r for r in read_jsonl(tmp_path / "fresh" / "results.jsonl")}
@@ -53,7 +53,7 @@ def test_interrupted_sweep_resumes_without_loss_or_repetition(model, tmp_path):
     for r in resumed:
         assert r["logit_diff"] == pytest.approx(fresh[r["test_id"]]["logit_diff"], abs=1e-6)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["n_tests"] == 12 and summary["validity"]["n_failed"] == 0
+    assert summary["n_tests"] == 18 and summary["validity"]["n_failed"] == 0
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["versions"]["torch"].startswith(torch.__version__.split("+")[0]) and run["versions"]["transformer_lens"][0].isdigit() and run["config"]["layers"] == [1] and "finished" in run
 
@@ -70,8 +70,8 @@ def test_failed_validity_check_is_reported(model, tmp_path, monkeypatch, capsys)
 
     real = sweep.trace_pair
 
-    def broken(model, pair):  # a clean cache that does not belong to the clean run
-        pt = real(model, pair)
+    def broken(model, pair, **kwargs):  # a clean cache that does not belong to the clean run
+        pt = real(model, pair, **kwargs)
         pt.clean.cache.cache_dict["blocks.0.hook_resid_pre"] = pt.clean.cache["blocks.0.hook_resid_pre"] * 1.5
         return pt
 
