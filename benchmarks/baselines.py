@@ -103,7 +103,6 @@ class NnsightCodi:
     """
 
     def __init__(self, codi: nn.Module, prj: nn.Module, *, bot_id: int, eot_id: int, eos_id: int | None, num_latents: int = 6):
-        self.codi = codi
         self.hf = codi.get_base_model() if hasattr(codi, "get_base_model") else codi
         self.prj = prj
         self.model = NNsight(codi)
