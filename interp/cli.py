@@ -1,4 +1,4 @@
-"""`interp generate | pairs | patch | run | report | train | bench`: thin commands over the package."""
+"""`interp generate | pairs | patch | run | report | analyze | train | bench`: thin commands over the package."""
 
 from __future__ import annotations
 
@@ -106,11 +106,12 @@ def build_pairs(args: argparse.Namespace, model) -> tuple[list, dict]:
     """Pairs from the chosen source, aligned to the model's tokenizer, optionally model-filtered."""
     from collections import Counter
 
-    from interp.data import align, arithmetic_pairs, filter_by_model, gsm8k_pairs
+    from interp.data import align, arithmetic_pairs, filter_by_model, gsm8k_pairs, three_step_pairs
 
     counts: dict[str, Counter] = {"source": Counter(), "align": Counter(), "model": Counter()}
-    if args.source == "arithmetic":
-        pairs = arithmetic_pairs(args.n * 2 if args.filter else args.n, seed=args.seed)
+    if args.source in ("arithmetic", "three-step"):
+        make = arithmetic_pairs if args.source == "arithmetic" else three_step_pairs
+        pairs = make(args.n * 2 if args.filter else args.n, seed=args.seed)
         counts["source"]["read"] = counts["source"]["corrupted"] = len(pairs)
     else:
         pairs = gsm8k_pairs(args.gsm8k, split=args.split, seed=args.seed, counts=counts["source"])
@@ -170,6 +171,7 @@ def run_patch_sweep(args: argparse.Namespace, model, pairs, provenance: dict, pa
 
     config = sweep_config(args)
     if args.quick:
+        print(f"--quick: running the first {min(5, len(pairs))} of {len(pairs)} pairs")
         pairs = pairs[:5]
     check_sweep(model, pairs, config)
     summary = run_sweep(model, pairs, args.out, config, provenance=provenance, logger=wandb_logger(args, config),
@@ -216,6 +218,20 @@ def cmd_run(args: argparse.Namespace) -> None:
     print(f"report: {report}")
 
 
+def cmd_analyze(args: argparse.Namespace) -> None:
+    """Logit lens, probes, attention flow and knockout on the clean side of the pairs (interp.analysis)."""
+    from interp.analysis import analyze, problems_from_pairs
+
+    model = load_model(args)
+    if args.quick:
+        args.n = min(args.n, 60)
+        print(f"--quick: {args.n} problems, knockout at all layers at once only")
+    pairs, meta = build_pairs(args, model)
+    data = analyze(model, problems_from_pairs(pairs), args.out, quick=args.quick, provenance={**model_provenance(args), "pairs_meta": meta})
+    print(f"analysis: {Path(args.out) / 'analysis.json'} ({', '.join(f'{k} {len(v)} rows' for k, v in data.items() if isinstance(v, list))})")
+    print(f"report: {Path(args.out) / 'report.html'}")
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     root = Path(__file__).resolve().parents[1]
     if not (root / "benchmarks" / "bench.py").is_file():
@@ -252,7 +268,8 @@ def add_sweep_args(p: argparse.ArgumentParser, default_out: str | None) -> None:
 
 
 def add_pair_source_args(p: argparse.ArgumentParser, n: int) -> None:
-    p.add_argument("--source", choices=["arithmetic", "gsm8k"], default="arithmetic")
+    p.add_argument("--source", choices=["arithmetic", "gsm8k", "three-step"], default="arithmetic",
+                   help="three-step: Cywinski et al.'s word problems (for real checkpoints; the embedded model knows only arithmetic)")
     p.add_argument("--n", type=positive_int, default=n, help="number of pairs to keep (1 or more)")
     p.add_argument("--gsm8k", default=None, help="GSM8K JSONL file or directory (default: the hub copy via `datasets`)")
     p.add_argument("--split", default="test")
@@ -343,6 +360,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--no-png", action="store_true")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("analyze", help="logit lens by layer, linear probes, attention flow and knockout -> analysis.json + report.html")
+    add_model_args(p)
+    add_pair_source_args(p, n=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="at most 60 problems; knockout at all layers at once only")
+    p.add_argument("--out", required=True, help="output directory (resumes if it holds a finished analysis of the same problems)")
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("train", help="train a CODI model (preset 'embedded' rebuilds the shipped model)")
     p.add_argument("--preset", default="embedded")
