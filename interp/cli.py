@@ -174,6 +174,10 @@ def run_patch_sweep(args: argparse.Namespace, model, pairs, provenance: dict, pa
         print(f"--quick: running the first {min(5, len(pairs))} of {len(pairs)} pairs")
         pairs = pairs[:5]
     check_sweep(model, pairs, config)
+    from interp.report import write_examples
+
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    write_examples(model, pairs, args.out)
     summary = run_sweep(model, pairs, args.out, config, provenance=provenance, logger=wandb_logger(args, config),
                         force_new=args.force_new, pairs_meta=pairs_meta)
     print(summary["verdict"])

@@ -42,6 +42,8 @@ STRATEGY_COLOURS = {"parallel": "#1f77b4", "iterative": "#d62728"}
 N_RESAMPLES = 2000
 #: a heatmap's cells: one per strategy, layer and latent-set column
 GRID = ("strategy", "layer", "column")
+#: cells whose bootstrap CI rests on fewer pairs than this are flagged (†) in the heatmaps
+MIN_CI_PAIRS = 10
 
 
 def load_results(run_dir: str | Path) -> pd.DataFrame:
@@ -115,7 +117,18 @@ def _colour_range(metric: str, means: Sequence[float]) -> tuple[float, float]:
 
 def _hover(label: str, layer: int, mean: float, lo: float, hi: float, n: int) -> str:
     ci = "n/a (n < 2)" if math.isnan(lo) else f"[{lo:.3g}, {hi:.3g}]"
-    return f"layer {layer}, {label}<br>mean {mean:.4g}<br>95% CI {ci}<br>n = {n} pairs"
+    few = f" († fewer than {MIN_CI_PAIRS}: the CI is unreliable)" if n < MIN_CI_PAIRS else ""
+    return f"layer {layer}, {label}<br>mean {mean:.4g}<br>95% CI {ci}<br>n = {n} pairs{few}"
+
+
+def _cell_text(stats: pd.DataFrame, layers: list[int], columns: list[int]) -> list[list[str]]:
+    """The text of each cell: its mean, with † when its CI rests on fewer than MIN_CI_PAIRS pairs."""
+    cells = {(int(r.layer), int(r.column)): r for r in stats.itertuples()}
+    return [[f"{cells[layer, c].mean:.2f}" + ("†" if cells[layer, c].n < MIN_CI_PAIRS else "") if (layer, c) in cells else "" for c in columns] for layer in layers]
+
+
+def _few_pairs_note(stats: pd.DataFrame) -> str:
+    return f"; † = CI on fewer than {MIN_CI_PAIRS} pairs" if (stats["n"] < MIN_CI_PAIRS).any() else ""
 
 
 def _grid(stats: pd.DataFrame, layers: list[int], columns: list[int], kind: str) -> tuple[list[list[float]], list[list[str]]]:
@@ -157,7 +170,7 @@ def heatmap(df: pd.DataFrame, metric: str = "normalized_effect", strategy: str |
             go.Heatmap(
                 z=z, x=labels, y=layers, zmin=zmin, zmax=zmax, colorscale="Viridis", showscale=i == len(strategies) - 1,
                 colorbar={"title": {"text": metric}}, customdata=hover, hovertemplate="%{customdata}<extra>" + s + "</extra>",
-                texttemplate="%{z:.2f}", name=s,
+                text=_cell_text(stats[stats["strategy"] == s], layers, columns), texttemplate="%{text}", name=s,
             ),
             row=1, col=i + 1,
         )
@@ -166,7 +179,7 @@ def heatmap(df: pd.DataFrame, metric: str = "normalized_effect", strategy: str |
     fig.update_yaxes(title_text="layer", row=1, col=1)
     shown = "rate" if metric == "flip" else "mean"
     fig.update_layout(
-        title=f"{metric} ({shown}), {kind} patch: {' vs '.join(strategies)}; hook {hook_family(rows)}; n = {_n_pairs(rows)} pairs",
+        title=f"{metric} ({shown}), {kind} patch: {' vs '.join(strategies)}; hook {hook_family(rows)}; n = {_n_pairs(rows)} pairs{_few_pairs_note(stats)}",
         height=160 + 45 * len(layers),
     )
     return fig
@@ -272,11 +285,12 @@ def similarity_heatmap(
             row=i // ncols + 1, col=i % ncols + 1,
         )
     fig.update_xaxes(type="category", title_text="position")
-    fig.update_yaxes(type="category", title_text="layer")
+    fig.update_yaxes(type="category", title_text="layer read out")
     versus = "iterative vs parallel" if which.startswith("par_") else f"{strategy} patched vs clean"
     latent_names = ", ".join(f"latent[{t}]" for t in latents)
     fig.update_layout(
-        title=f"{which}: {versus}, {kind} patch of {latent_names}; hook {hook_family(rows)}; n = {_n_pairs(rows)} pairs",
+        title=f"{which}: {versus}, {kind} patch of {latent_names}; hook {hook_family(rows)}; n = {_n_pairs(rows)} pairs"
+        "<br><sup>y axis: the layer read out, not the layer patched (each panel is one patched layer)</sup>",
         height=140 + nrows * (60 + 40 * len(means[patched[0]][0])),
     )
     return fig
@@ -326,6 +340,43 @@ def logit_lens(model: CodiModel, trace: Trace) -> list[list[str]]:
         logits = model.model.unembed(model.model.ln_final(resid))[0, trace.latent_positions, : model.eot_id]
         out.append([model.tokenizer.decode([int(i)]) for i in logits.argmax(-1)])
     return out
+
+
+def slot_heatmap(df: pd.DataFrame, metric: str = "normalized_effect", kind: str = "single", layer: int | None = None, *, n_resamples: int = N_RESAMPLES, seed: int = 0) -> go.Figure:
+    """Changed slot x patched latent set: the metric's mean over the pairs that changed that slot, one
+    subplot per strategy, at one patched `layer` (default: the last one patched). Needs rows with
+    `changed_slot` (sweeps since pairs carry it)."""
+    rows = select(df, kind)
+    if "changed_slot" not in rows or rows["changed_slot"].isna().all():
+        raise ValueError("the rows carry no changed_slot (a sweep written before pairs carried it, or a source without slots)")
+    layer = int(rows["layer"].max()) if layer is None else layer
+    rows = rows[(rows["layer"] == layer) & rows["changed_slot"].notna()].copy()
+    rows["slot"] = rows["changed_slot"].astype(int)
+    stats = cell_stats(rows, metric, n_resamples, seed, ("strategy", "slot", "column"))
+    stats = stats.rename(columns={"slot": "layer"})  # the grid helpers key rows by `layer`
+    strategies = _strategies(stats["strategy"].unique())
+    slots = sorted(int(x) for x in stats["layer"].unique())
+    columns = sorted(int(x) for x in stats["column"].unique())
+    zmin, zmax = _colour_range(metric, stats["mean"].tolist())
+    fig = make_subplots(rows=1, cols=len(strategies), subplot_titles=strategies, shared_yaxes=True, horizontal_spacing=0.05)
+    for i, s in enumerate(strategies):
+        at = stats[stats["strategy"] == s]
+        z, hover = _grid(at, slots, columns, kind)
+        hover = [[h.replace("layer ", "changed slot ", 1) for h in row] for row in hover]
+        fig.add_trace(
+            go.Heatmap(z=z, x=[column_label(kind, c) for c in columns], y=slots, zmin=zmin, zmax=zmax, colorscale="Viridis", showscale=i == len(strategies) - 1,
+                       colorbar={"title": {"text": metric}}, customdata=hover, hovertemplate="%{customdata}<extra>" + s + "</extra>",
+                       text=_cell_text(at, slots, columns), texttemplate="%{text}"),
+            row=1, col=i + 1,
+        )
+    fig.update_xaxes(title_text=X_TITLES[kind], type="category")
+    fig.update_yaxes(type="category")
+    fig.update_yaxes(title_text="changed slot of the pair", row=1, col=1)
+    fig.update_layout(
+        title=f"{metric} by the number the pair changed, {kind} patch at layer {layer}; hook {hook_family(rows)}; n = {_n_pairs(rows)} pairs{_few_pairs_note(stats)}",
+        height=160 + 45 * len(slots),
+    )
+    return fig
 
 
 def latent_decoding_table(model: CodiModel, trace_or_generation: Trace | Generation, k: int = 3) -> go.Figure:

@@ -20,7 +20,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
-from interp.plots import difference_heatmap, heatmap, layer_lines, load_results, similarity_heatmap
+from interp.plots import MIN_CI_PAIRS, difference_heatmap, heatmap, layer_lines, load_results, similarity_heatmap, slot_heatmap
 from interp.runio import read_jsonl
 from interp.stats import METRICS
 
@@ -54,11 +54,63 @@ def report_figures(df: pd.DataFrame, run: dict[str, Any]) -> list[tuple[str, go.
         figs += [(f"difference_normalized_effect_{kind}", difference_heatmap(df, "normalized_effect", kind, **ci)) for kind in kinds]
     if "all" in kinds:
         figs += [(f"layers_{metric}_all", layer_lines(df, metric, "all", **ci)) for metric in ("normalized_effect", "kl")]
-    if "single" in kinds:
-        figs += [(f"similarity_sim_cos_{s}_latent0", similarity_heatmap(df, "sim_cos", s, "single", (0,))) for s in ("parallel", "iterative") if s in strategies]
-        if both:
-            figs.append(("similarity_par_cos_latent0", similarity_heatmap(df, "par_cos", "iterative", "single", (0,))))
+    if "single" in kinds and "changed_slot" in df and df["changed_slot"].notna().any():
+        figs.append(("slots_normalized_effect_single", slot_heatmap(df, "normalized_effect", "single", **ci)))
+    for kind in kinds:  # the similarities of every patched latent set
+        for latents in sorted({tuple(x) for x in df.loc[df["kind"] == kind, "latents"]}):
+            tag = f"{kind}_{'-'.join(map(str, latents))}"
+            figs += [(f"similarity_sim_cos_{s}_{tag}", similarity_heatmap(df, "sim_cos", s, kind, latents)) for s in ("parallel", "iterative") if s in strategies]
+            if both:
+                figs.append((f"similarity_par_cos_{tag}", similarity_heatmap(df, "par_cos", "iterative", kind, latents)))
     return figs
+
+
+#: every quantity the page shows, defined once
+DEFINITIONS = {
+    "logit_diff": "logit of the clean answer's first differing token minus the corrupted answer's, at the position that predicts it (teacher-forced).",
+    "normalized_effect": "(patched logit_diff - corrupted logit_diff) / (clean logit_diff - corrupted logit_diff): 0 = no effect, 1 = the clean run restored.",
+    "kl": "KL(clean || patched) in nats between the next-token distributions at that position.",
+    "flip": "the patched run's freely decoded answer equals the clean answer (shown as a rate).",
+    "sim_cos / sim_rel_l2": "per (layer read out, position): cosine and |patched - clean| / |clean| of the hook family's activation, "
+    "patched run vs clean run; par_cos / par_rel_l2: iterative run vs parallel run. The y axis is the layer read out, each panel one patched layer.",
+    "latent_cos": "cosine of each fed latent of the patched run with the clean run's latent.",
+    "changed slot": "which number of the problem the corrupted side changed (arithmetic: 0 = the start value, i = operand i).",
+    "mean and 95% CI": f"mean over pairs, percentile bootstrap 95% CI over pairs; a cell marked † rests on fewer than {MIN_CI_PAIRS} pairs.",
+    "verdict": "iterative and parallel differ in a (layer, latent set) cell when the bootstrap CI of their paired difference in normalized_effect excludes 0.",
+}
+
+
+def definitions_html() -> str:
+    return "<dl>" + "".join(f"<dt><b>{html.escape(k)}</b></dt><dd>{html.escape(v)}</dd>" for k, v in DEFINITIONS.items()) + "</dl>"
+
+
+def write_examples(model, pairs, run_dir: str | Path, n: int = 3, k: int = 3) -> Path:
+    """`run_dir/examples.json`: the first `n` pairs' clean questions with the top-`k` decoded tokens of
+    each latent (`CodiModel.decode_latents`), which the report shows."""
+    examples = []
+    for pair in list(pairs)[:n]:
+        gen = model.generate(pair.clean_question)
+        examples.append({"question": pair.clean_question, "answer": gen.text, "intermediates": list(pair.clean_intermediates),
+                         "latents": model.decode_latents(gen, k=k)})
+    path = Path(run_dir) / "examples.json"
+    path.write_text(json.dumps(examples, indent=1))
+    return path
+
+
+def examples_table(examples: list[dict[str, Any]]) -> str:
+    """One table per example: per latent, the top tokens of its state and of its fed embedding."""
+    if not examples:
+        return "<p>No examples.json: <code>interp run</code> and <code>interp patch</code> write it.</p>"
+    out = []
+    for ex in examples:
+        def tops(pairs: list) -> str:
+            return ", ".join(f"{html.escape(repr(tok))} {p:.2f}" for tok, p in pairs)
+        rows = "".join(f"<tr><td>latent[{t}]</td><td>{tops(d['state'])}</td><td>{tops(d['embedding'])}</td></tr>" for t, d in enumerate(ex["latents"]))
+        values = " ".join(f"{v:g}" for v in ex.get("intermediates", []))
+        out.append(f"<p><code>{html.escape(ex['question'])}</code> → {html.escape(ex['answer'])}"
+                   + (f" (intermediate values: {html.escape(values)})" if values else "") + "</p>"
+                   f'<table class="validity"><tr><th>latent</th><th>state (what prj reads)</th><th>fed embedding</th></tr>{rows}</table>')
+    return "".join(out)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -124,6 +176,12 @@ def write_report(run_dir: str | Path) -> Path:
         f'<div class="figure" id="{name}">{fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{name}")}</div>' for name, fig in figs
     )
     counts = f"{df['pair_id'].nunique()} pairs, {len(df)} patch tests, hook {html.escape(str(run.get('config', {}).get('hook', '?')))}"
+    examples = examples_table(json.loads((run_dir / "examples.json").read_text()) if (run_dir / "examples.json").exists() else [])
+    analysis = _read_json(run_dir / "analysis.json")
+    if analysis is not None:
+        from interp.analysis.run import analysis_section
+
+        examples += f"<h2>What the latents hold (analysis.json)</h2>{analysis_section(analysis)}"
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>interp report: {html.escape(run_dir.name)}</title>
 <style>{STYLE}</style>
@@ -135,6 +193,10 @@ def write_report(run_dir: str | Path) -> Path:
 <p class="verdict">{html.escape(verdict)}</p>
 <h2>Validity checks</h2>
 {validity_table(validity, tolerance)}
+<h2>Definitions</h2>
+{definitions_html()}
+<h2>Example problems and their decoded latents</h2>
+{examples}
 <h2>Figures</h2>
 {divs}
 <h2>Run configuration (run.json)</h2>
