@@ -53,7 +53,8 @@ def _panels(
         )
         height = max(height, len(ys))
     fig.update_xaxes(type="category")
-    fig.update_yaxes(type="category", title_text=ytitle, autorange="reversed" if ytitle == "query" else True)
+    fig.update_yaxes(type="category", autorange="reversed" if ytitle == "query" else True)
+    fig.update_yaxes(title_text=ytitle, col=1)
     fig.update_layout(title=title, height=140 + nrows * (80 + 32 * height))
     return fig
 
