@@ -32,8 +32,9 @@ import math
 import resource
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -73,7 +74,7 @@ def flops_per_token(model: CodiModel, context: int, logits: bool, projection: bo
 
 def needed_flops(model: CodiModel, corrupted, first_latent: int, strategy: str, answer_ids: Tensor) -> float:
     """The FLOPs a patched run whose first patched latent is `first_latent` cannot avoid."""
-    n_prompt, eot, seq_len, k = corrupted.latent_positions[0], corrupted.position("eot"), corrupted.seq_len, len(corrupted.latent_positions)
+    n_prompt, eot, seq_len = corrupted.latent_positions[0], corrupted.position("eot"), corrupted.seq_len
     total = 0.0
     for p in range(n_prompt + first_latent, seq_len):
         latent = p < eot
@@ -272,7 +273,8 @@ def bench_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         n_units = max(1, min(len(every), round(args.naive_tests / len(config.strategies))))
         only = {every[round(i * (len(every) - 1) / max(1, n_units - 1))] for i in range(n_units)}
     cfg = model.cfg
-    print(f"model {args.model}: {cfg.n_layers} layers, d_model {cfg.d_model}, heads {cfg.n_heads}/{cfg.n_key_value_heads}, d_mlp {cfg.d_mlp}, vocab {cfg.d_vocab}, {args.dtype} on {device} ({torch.get_num_threads()} CPU threads); loaded in {load_s:.1f} s")
+    shape = f"{cfg.n_layers} layers, d_model {cfg.d_model}, heads {cfg.n_heads}/{cfg.n_key_value_heads}, d_mlp {cfg.d_mlp}, vocab {cfg.d_vocab}"
+    print(f"model {args.model}: {shape}, {args.dtype} on {device} ({torch.get_num_threads()} CPU threads); loaded in {load_s:.1f} s")
     naive_scope = f"naive on {n_naive}" + (f", about {args.naive_tests} tests spread over them" if args.naive_tests else "")
     print(f"sweep: {len(pairs)} pairs ({naive_scope}), hook {config.hook}, layers {list(layers) if layers else 'all'}, kinds {list(config.kinds)}, strategies {list(config.strategies)}; "
           f"sequence lengths {sorted({pt.corrupted.seq_len for pt in traces})}; traced in {trace_s:.1f} s")

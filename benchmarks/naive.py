@@ -16,7 +16,7 @@ and a greedy decode that recomputes the whole sequence for every token.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

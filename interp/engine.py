@@ -32,8 +32,9 @@ modules run on the same inputs, only batched, padded and chunked differently.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -422,7 +423,6 @@ class BatchPatcher:
         model, k = self.model, self.k
         width = max(self._pair(j).n_prompt for j in jobs)
         rows = [_Row(j, self._pair(j), width - self._pair(j).n_prompt) for j in jobs]
-        offsets = [r.offset for r in rows]
         eot = width + k
         end = max(r.pair.seq_len + r.offset for r in rows)
         start = width + min(self._first_site(j) for j in jobs)  # first column any row patches (<= eot)
@@ -468,7 +468,8 @@ class BatchPatcher:
             embeds, mask = self._columns(rows, eot, end)
             tail_start = eot
         decode_col = eot + rows[0].pair.corrupted.layout.n_eot_suffix
-        out = model.forward(embeds, kv_cache=cache, attention_mask=mask, fwd_hooks=all_hooks(tail_start, end - tail_start), logit_positions=list(range(decode_col - tail_start, end - tail_start)), start=tail_start)
+        logit_positions = list(range(decode_col - tail_start, end - tail_start))  # from the last fed position on
+        out = model.forward(embeds, kv_cache=cache, attention_mask=mask, fwd_hooks=all_hooks(tail_start, end - tail_start), logit_positions=logit_positions, start=tail_start)
         self.stats["forwards"] += 1
         self.stats["rows"] += len(rows)
         logits = out.logits  # [b, end - decode_col, vocab] (right-padded rows: garbage past their tail)

@@ -10,8 +10,9 @@ what it returns (or what it changed in place).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from torch import Tensor
 from transformer_lens.utils import get_act_name

@@ -21,8 +21,9 @@ for that entry, read before the run (by default the clean run's activation at th
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 class Intervention:
     """Base class: `source` picks what is read before the run, `apply` writes during it."""
 
-    def source(self, clean: "Trace", hook: str, position: int, head: int | None) -> Tensor:
+    def source(self, clean: Trace, hook: str, position: int, head: int | None) -> Tensor:
         """The value [*site_shape] an entry needs, read from the clean trace (default: its activation)."""
         value = clean.cache[hook][0, position]
         return value if head is None else value[head]
@@ -83,14 +84,14 @@ class Add(Intervention):
 class Mean(Intervention):
     """Write the mean activation over `traces` at the same hook and the same named position."""
 
-    traces: Sequence["Trace"]
+    traces: Sequence[Trace]
     _means: dict[tuple[str, str, int | None], Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if len(self.traces) == 0:
             raise ValueError("Mean needs at least one trace to average over")
 
-    def source(self, clean: "Trace", hook: str, position: int, head: int | None) -> Tensor:
+    def source(self, clean: Trace, hook: str, position: int, head: int | None) -> Tensor:
         name = clean.layout.name(position)
         key = (hook, name, head)
         if key not in self._means:

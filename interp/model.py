@@ -19,8 +19,9 @@ whichever chunk (prompt, one latent step, the answer) holds them.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -137,7 +138,7 @@ _LAYOUT = {
 }
 
 
-def fast_layout(model: "CodiModel", enable: bool = True) -> int:
+def fast_layout(model: CodiModel, enable: bool = True) -> int:
     """Store the weights in the layout TransformerLens's forward asks for (enable=False: plain layout).
 
     Values are unchanged and results are bitwise identical; only the strides of the parameters

@@ -8,7 +8,7 @@ loop re-run: through attention and through the projection into the next fed late
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

@@ -8,7 +8,8 @@ union of its metrics' fields. The defaults are `answer_metrics`, `latent_similar
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence, TypedDict
+from collections.abc import Callable, Sequence
+from typing import Any, TypedDict
 
 import torch
 

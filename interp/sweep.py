@@ -19,9 +19,10 @@ from __future__ import annotations
 import inspect
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -33,10 +34,10 @@ from interp.metrics import first_difference
 from interp.model import CodiModel
 from interp.patching import latent_sites
 from interp.plan import KINDS, Unit, batch_order, units
+from interp.runio import RESULTS, VALIDITY, Run, UsageError, check_output_dir, finite, model_fingerprint, open_run, pairs_sha256, read_jsonl, versions
 from interp.score import Metric, default_metrics, unit_rows, validity_checks
 from interp.stats import summarize
 from interp.trace import PairTraces, similarity_positions, trace_pair
-from interp.runio import RESULTS, VALIDITY, Run, UsageError, check_output_dir, finite, model_fingerprint, open_run, pairs_sha256, read_jsonl, versions
 
 HOOK_FAMILIES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 #: the engine batches the units of up to this many pairs together (their traces are held meanwhile)

@@ -9,21 +9,21 @@ import math
 
 import pytest
 import torch
+from transformer_lens import ActivationCache
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
+from benchmarks.naive import naive_patch
 from interp import load_codi
 from interp.data.arithmetic import arithmetic_pairs
-from benchmarks.naive import naive_patch
 from interp.engine import BatchPatcher, Job, PositionCache, choose_batch_size
-from interp.kvcache import expand_cache
-from interp.model import fast_layout
-from interp.metrics import cache_similarity
 from interp.interventions import Add, Mean, Zero, as_intervention
+from interp.kvcache import expand_cache
+from interp.metrics import cache_similarity
+from interp.model import fast_layout
 from interp.patching import PatchError, Site, latent_sites
 from interp.runio import read_jsonl
 from interp.sweep import SweepConfig, run_sweep
 from interp.trace import similarity_positions, trace_pair
-from transformer_lens import ActivationCache
-from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 TOL = 1e-5
 MAX_NEW = 6  # decode length for these tests (the tiny random model never emits eos)

@@ -134,3 +134,34 @@ def test_trace_pair_scores_first_differing_token(setup):
     assert tok.decode([pt.clean_token]) == "8" and tok.decode([pt.corrupted_token]) == "9"
     assert pt.clean.seq_len == pt.clean.answer_position + 2  # the shared " " is teacher-forced
     assert tok.decode(pt.clean.tokens[-1:]) == " "
+
+
+def test_hook_names_and_latents_as_transformer_lens_takes_them(setup):
+    """(name, layer) tuples as get_act_name takes them, an int latent, and one-line refusals of a family name and a non-int latent."""
+    _, model, clean, corrupted = setup
+    by_name = patch(model, corrupted, clean, "blocks.1.hook_resid_post", [2], "iterative")
+    by_tuple = patch(model, corrupted, clean, ("resid_post", 1), 2, "iterative")
+    torch.testing.assert_close(by_tuple.answer_logits, by_name.answer_logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"'resid_post' names a hook family, not one hook: give a layer, e.g. \('resid_post', 3\)"):
+        patch(model, corrupted, clean, "resid_post", 2, "parallel")
+    with pytest.raises(PatchError, match="latents must be an int or a sequence of ints"):
+        patch(model, corrupted, clean, ("resid_post", 1), "2", "parallel")
+    with pytest.raises(PatchError, match="repeat an index"):
+        patch(model, corrupted, clean, ("resid_post", 1), [2, 2], "parallel")
+
+
+def test_at_positions_in_a_left_padded_batch_acts_at_each_questions_own_position(setup):
+    """generate_batch left-pads questions of different lengths; a hook at an absolute position acts at each row's own position."""
+    import interp
+
+    _, model, _, _ = setup
+    questions = [CLEAN_Q, CLEAN_Q + " How many now?"]
+    pos = len(model.encode(CLEAN_Q)) + 2  # latent[1] of the first question, inside the second's question
+    hook = ("blocks.1.hook_resid_post", interp.at_positions(lambda act, hook: act * 0, pos))
+    batch = model.generate_batch(questions, max_new_tokens=4, fwd_hooks=[hook])
+    for q, got in zip(questions, batch):
+        alone = model.generate(q, max_new_tokens=4, fwd_hooks=[hook])
+        torch.testing.assert_close(got.latents, alone.latents, rtol=1e-4, atol=1e-5)
+        assert got.answer_ids.tolist() == alone.answer_ids.tolist()
+    plain = model.generate(questions[0], max_new_tokens=4)
+    assert (batch[0].latents[2] - plain.latents[2]).abs().max() > 1e-3  # the hook acted on the first question
