@@ -89,5 +89,8 @@ def knockout_heatmap(rows: Sequence[dict[str, Any]]) -> go.Figure:
     """Edge set x layer (`all` = every layer at once), colour = accuracy with those edges cut."""
     n = rows[0]["n"] if rows else 0
     base = rows[0]["baseline_accuracy"] if rows else math.nan
-    return _panels({"all": list(rows)}, "edge", "layer", "accuracy", ("accuracy", "baseline_accuracy", "changed", "n"),
-                   f"attention knockout: accuracy with the edges cut (unablated {base:.2f}, n = {n} problems)", (0.0, 1.0), ["edges cut"], "edges cut")
+    fig = _panels({"all": list(rows)}, "edge", "layer", "accuracy", ("accuracy", "baseline_accuracy", "changed", "n"),
+                  f"attention knockout: accuracy with the edges cut (unablated {base:.2f}, n = {n} problems)", (0.0, 1.0), ["edges cut"], "edges cut")
+    fig.update_yaxes(autorange="reversed")
+    fig.update_xaxes(title_text="layer cut (all = every layer at once)")
+    return fig
