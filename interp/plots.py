@@ -117,8 +117,8 @@ def _colour_range(metric: str, means: Sequence[float]) -> tuple[float, float]:
 
 def _hover(label: str, layer: int, mean: float, lo: float, hi: float, n: int) -> str:
     ci = "n/a (n < 2)" if math.isnan(lo) else f"[{lo:.3g}, {hi:.3g}]"
-    few = f" († fewer than {MIN_CI_PAIRS}: the CI is unreliable)" if n < MIN_CI_PAIRS else ""
-    return f"layer {layer}, {label}<br>mean {mean:.4g}<br>95% CI {ci}<br>n = {n} pairs{few}"
+    few = f"† the CI rests on fewer than {MIN_CI_PAIRS} pairs<br>" if n < MIN_CI_PAIRS else ""
+    return f"{few}layer {layer}, {label}<br>mean {mean:.4g}<br>95% CI {ci}<br>n = {n} pairs"
 
 
 def _cell_text(stats: pd.DataFrame, layers: list[int], columns: list[int]) -> list[list[str]]:
