@@ -162,6 +162,24 @@ def wandb_logger(args: argparse.Namespace, config) -> object | None:
     return run.log
 
 
+def ray_executor(args: argparse.Namespace):
+    """(RayExecutor, ModelSpec) for `--ray [ADDRESS] --workers N`, or (None, None) to run in this process."""
+    if args.ray is None:
+        return None, None
+    from interp.executor import ModelSpec, RayExecutor
+
+    if args.workers < 1:
+        raise UsageError(f"--workers {args.workers}: accepted: 1 or more")
+    spec = ModelSpec(
+        checkpoint=args.checkpoint or "embedded", base=args.base, dtype=args.dtype, device=args.device or "auto", lora_alpha=args.lora_alpha,
+        num_latents=args.num_latents, remove_eos=args.remove_eos, revision=args.revision, base_revision=args.base_revision,
+    )
+    try:
+        return RayExecutor(address=args.ray or None, workers=args.workers), spec
+    except ImportError as exc:
+        raise UsageError(f"--ray: {exc}") from None
+
+
 def run_patch_sweep(args: argparse.Namespace, model, pairs, provenance: dict, pairs_meta: dict | None = None) -> dict:
     """The sweep of `patch` and `run`: everything is checked before wandb or the run directory is touched.
 
@@ -176,10 +194,10 @@ def run_patch_sweep(args: argparse.Namespace, model, pairs, provenance: dict, pa
     check_sweep(model, pairs, config)
     from interp.report import write_examples
 
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    write_examples(model, pairs, args.out)
+    executor, spec = ray_executor(args)
     summary = run_sweep(model, pairs, args.out, config, provenance=provenance, logger=wandb_logger(args, config),
-                        force_new=args.force_new, pairs_meta=pairs_meta)
+                        force_new=args.force_new, pairs_meta=pairs_meta, executor=executor, model_spec=spec)
+    write_examples(model, pairs, args.out)  # after the sweep: the run directory is checked and written under its lock first
     print(summary["verdict"])
     if summary["validity"]["n_failed"]:
         print(f"VALIDITY: {summary['validity']['n_failed']} pair(s) failed a check, see {Path(args.out) / 'summary.json'}")
@@ -268,6 +286,9 @@ def add_sweep_args(p: argparse.ArgumentParser, default_out: str | None) -> None:
     p.add_argument("--wandb", action="store_true", help="log to Weights & Biases (honours WANDB_MODE=offline)")
     p.add_argument("--intervention", default="clean",
                    help="what is written at the sites: clean (the clean run's activation), mean (mean over every pair's clean run), zero")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run the units on Ray actors (pip install 'interp[ray]'): a cluster address, or none for a local Ray instance")
+    p.add_argument("--workers", type=int, default=2, help="Ray actors, each loading the model once (GPU actors when the cluster has GPUs)")
     p.add_argument("--force-new", action="store_true", help="wipe the run in --out (its results, run.json, summary, report) and start over")
 
 

@@ -43,8 +43,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class ModelSpec:
     """How a worker loads the model: small and picklable, unlike the model.
 
-    checkpoint: "embedded" (interp.load_default) or a path a worker can read (directory or file in the
-    official CODI format), with `base` the local base model directory. device "auto": CUDA when the
+    checkpoint: "embedded" (interp.load_default), a hub id or a path a worker can read (directory or
+    file in the official CODI format); `base` a hub id or local directory (None: the release's default). device "auto": CUDA when the
     worker sees a GPU, else CPU.
     """
 
@@ -54,12 +54,13 @@ class ModelSpec:
     device: str = "auto"
     lora_alpha: float = 32.0
     num_latents: int = 6
+    remove_eos: bool = True
+    revision: str | None = None
+    base_revision: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; use one of {sorted(DTYPES)}")
-        if self.checkpoint != "embedded" and self.base is None:
-            raise ValueError(f"checkpoint {self.checkpoint!r} needs base= (the local base model directory)")
 
     def resolved_device(self) -> str:
         if self.device == "auto":
@@ -72,7 +73,8 @@ class ModelSpec:
         dtype, device = DTYPES[self.dtype], self.resolved_device()
         if self.checkpoint == "embedded":
             return load_default(dtype=dtype, device=device)
-        return load_codi(self.checkpoint, self.base, lora_alpha=self.lora_alpha, num_latents=self.num_latents, dtype=dtype, device=device)
+        return load_codi(self.checkpoint, self.base, lora_alpha=self.lora_alpha, num_latents=self.num_latents, remove_eos=self.remove_eos,
+                         revision=self.revision, base_revision=self.base_revision, dtype=dtype, device=device)
 
 
 def batches(units: Sequence[U], batch_size: int) -> list[list[U]]:

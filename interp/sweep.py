@@ -28,7 +28,8 @@ import torch
 from tqdm.auto import tqdm
 
 from interp.data.pairs import Pair, save_pairs
-from interp.engine import STRATEGIES, BatchPatcher, Job, check_hook, layer_of
+from interp.engine import MAX_ROWS, STRATEGIES, BatchPatcher, Job, check_hook, layer_of
+from interp.executor import LocalExecutor
 from interp.interventions import INTERVENTIONS, Intervention, Mean
 from interp.metrics import first_difference
 from interp.model import CodiModel
@@ -205,12 +206,16 @@ def run_sweep(
     pairs_meta: dict[str, Any] | None = None,
     metrics: Sequence[Metric] | None = None,
     batch_size: int | None = None,
+    executor: Any = None,
+    model_spec: Any = None,
 ) -> dict[str, Any]:
     """Run (or resume) a sweep into `out_dir`; returns the summary.
 
     `metrics`: callables `(PairTraces, PatchResult) -> dict` whose fields make the rows (default
     `interp.score.default_metrics(config.family)`); `batch_size`: rows per forward pass (default:
-    what fits in memory; results do not depend on it).
+    what fits in memory; results do not depend on it). `executor`: where the units run
+    (`interp.executor.LocalExecutor`, the default, on `model`; `RayExecutor` on actors that load
+    `model_spec`, an `interp.executor.ModelSpec`); this process stays the only writer.
 
     Everything is checked (`check_sweep`, `check_output_dir`) and the fingerprint computed before
     the first file is written; then the directory is locked (interp.runio.open_run) and each unit's
@@ -236,13 +241,60 @@ def run_sweep(
         if pairs_meta is not None:
             save_pairs(run.path / "pairs.json", pairs, pairs_meta)
         metrics = list(metrics) if metrics is not None else default_metrics(config.family)
-        summary = _sweep(model, pairs, config, run, progress, logger, metrics, batch_size)
+        summary = _sweep(model, pairs, config, run, progress, logger, metrics, batch_size, executor, model_spec)
         run.finish(summary)
     return summary
 
 
-def _sweep(model: CodiModel, pairs: Sequence[Pair], config: SweepConfig, run: Run, progress: bool, logger: Any, metrics: Sequence[Metric], batch_size: int | None) -> dict[str, Any]:
-    """The units not yet on disk, appended to `run` unit by unit; then the summary of the whole file."""
+@dataclass(frozen=True)
+class PairWork:
+    """A sweep's work on one pair: its units not yet on disk, and whether its validity checks are."""
+
+    pair_index: int
+    units: tuple[Unit, ...]
+    check_validity: bool
+
+
+class SweepWork:
+    """The work function executors run: `(model, [PairWork]) -> [(validity report or None, [rows per unit])]`.
+
+    Picklable (Ray sends it to every worker once); the intervention is built on each worker's model
+    the first time it is needed. The pairs of one call are traced (lean: the swept family and what the
+    validity checks patch), checked, and their units run through one engine, in batches that start late first.
+    """
+
+    def __init__(self, pairs: Sequence[Pair], config: SweepConfig, metrics: Sequence[Metric], batch_size: int | None):
+        self.pairs, self.config, self.metrics, self.batch_size = list(pairs), config, list(metrics), batch_size
+        self._intervention: Intervention | None = None
+
+    def __call__(self, model: CodiModel, items: Sequence[PairWork]) -> list[tuple[dict[str, Any] | None, list[list[dict[str, Any]]]]]:
+        config = self.config
+        if self._intervention is None:
+            self._intervention = sweep_intervention(model, self.pairs, config, progress=False)
+        keep = lambda name: name.endswith("." + config.family) or name == "blocks.0.hook_resid_pre"  # noqa: E731
+        group = [trace_pair(model, self.pairs[item.pair_index], names_filter=keep) for item in items]
+        reports = [validity_checks(model, pt, config.strategies) if item.check_validity else None for pt, item in zip(group, items)]
+        todo = sorted(((g, u) for g, item in enumerate(items) for u in item.units), key=lambda gu: batch_order(gu[1]))
+        rows: dict[tuple[int, Unit], list[dict[str, Any]]] = {}
+        if todo:
+            patcher = sweep_patcher(model, group, config, self.batch_size)
+            for i in range(0, len(todo), patcher.batch_size):
+                chunk = todo[i : i + patcher.batch_size]
+                rows.update(zip(chunk, run_units(patcher, group, chunk, config, self._intervention, self.metrics)))
+        return [(report, [rows[(g, u)] for u in item.units]) for g, (item, report) in enumerate(zip(items, reports))]
+
+
+def pairs_per_call(model: CodiModel, units_per_pair: int) -> int:
+    """Pairs traced and run together: about one full batch of rows, at most MAX_GROUP_PAIRS (their traces are held meanwhile)."""
+    rows = MAX_ROWS["cuda" if model.device.type == "cuda" else "cpu"]
+    return max(1, min(MAX_GROUP_PAIRS, -(-rows // max(1, units_per_pair))))
+
+
+def _sweep(
+    model: CodiModel, pairs: Sequence[Pair], config: SweepConfig, run: Run, progress: bool, logger: Any, metrics: Sequence[Metric], batch_size: int | None,
+    executor: Any, model_spec: Any,
+) -> dict[str, Any]:
+    """The units not yet on disk, run by `executor`, appended to `run` pair by pair by this process alone; then the summary."""
     done, checked = run.results.keys, run.validity.keys
     todo = units(config, len(pairs), model.cfg.n_layers, model.num_latents)
 
@@ -251,38 +303,23 @@ def _sweep(model: CodiModel, pairs: Sequence[Pair], config: SweepConfig, run: Ru
         return all(u.test_id(pair_id, hook, s) in done for s in config.strategies)
 
     remaining = [u for u in todo if not finished(u)]
-    intervention = sweep_intervention(model, pairs, config, progress) if remaining else None
-    bar = tqdm(total=len(todo) * len(config.strategies), initial=(len(todo) - len(remaining)) * len(config.strategies), desc="patch tests", disable=not progress)
     by_pair: dict[int, list[Unit]] = {}
     for unit in remaining:
         by_pair.setdefault(unit.pair_index, []).append(unit)
-
-    def land(unit_rows_list: list[list[dict[str, Any]]]) -> None:
+    work = [PairWork(i, tuple(us), pairs[i].id not in checked) for i, us in by_pair.items()]
+    bar = tqdm(total=len(todo) * len(config.strategies), initial=(len(todo) - len(remaining)) * len(config.strategies), desc="patch tests", disable=not progress)
+    executor = executor if executor is not None else LocalExecutor(model)
+    per_call = pairs_per_call(model, len(todo) // max(1, len(pairs)))
+    for _item, (report, unit_rows_list) in executor.map_units(model_spec, work, SweepWork(pairs, config, metrics, batch_size), batch_size=per_call):
+        if report is not None:
+            run.validity.append([report])
+            if not report["passed"]:
+                failed = [k for k, c in report["checks"].items() if not c["passed"]]
+                tqdm.write(f"VALIDITY CHECK FAILED for pair {report['pair_id']}: {', '.join(failed)}")
         for rows in unit_rows_list:  # each unit lands whole (the rows not yet on disk) or not at all
             run.results.append(rows)
             if logger is not None:
                 logger({f"{r['strategy']}/{r['kind']}/normalized_effect": r["normalized_effect"] for r in rows})
             bar.update(len(rows))
-
-    group: list[PairTraces] = []  # pairs traced so far and not yet run, batched together
-    group_units: list[tuple[int, Unit]] = []
-    for n, (pair_index, pair_units) in enumerate(by_pair.items()):
-        # lean: what the units read (the family) and what the validity checks patch (blocks.0.hook_resid_pre)
-        pt = trace_pair(model, pairs[pair_index], names_filter=lambda name: name.endswith("." + config.family) or name == "blocks.0.hook_resid_pre")
-        if pt.pair.id not in checked:
-            report = validity_checks(model, pt, config.strategies)
-            run.validity.append([report])
-            if not report["passed"]:
-                failed = [k for k, c in report["checks"].items() if not c["passed"]]
-                tqdm.write(f"VALIDITY CHECK FAILED for pair {pt.pair.id}: {', '.join(failed)}")
-        group_units += [(len(group), u) for u in pair_units]
-        group.append(pt)
-        patcher = sweep_patcher(model, group, config, batch_size)
-        full = len(group_units) >= patcher.batch_size or len(group) == MAX_GROUP_PAIRS  # a batch's worth of rows per strategy
-        if full or n == len(by_pair) - 1:
-            group_units.sort(key=lambda gu: batch_order(gu[1]))
-            for i in range(0, len(group_units), patcher.batch_size):
-                land(run_units(patcher, group, group_units[i : i + patcher.batch_size], config, intervention, metrics))
-            group, group_units = [], []  # memory stays flat: at most MAX_GROUP_PAIRS pairs' traces at a time
     bar.close()
     return summarize(read_jsonl(run.path / RESULTS), read_jsonl(run.path / VALIDITY), config)

@@ -123,7 +123,51 @@ def test_arguments():
     assert batches(list(range(5)), 2) == [[0, 1], [2, 3], [4]]
     with pytest.raises(ValueError, match="batch_size"):
         batches([1], 0)
-    with pytest.raises(ValueError, match="needs base"):
-        ModelSpec("/some/checkpoint")
     with pytest.raises(ValueError, match="unknown dtype"):
         ModelSpec(dtype="int8")
+
+
+class KillOnce:
+    """A sweep metric that SIGKILLs the worker process running it the first time it is called in a
+    Ray worker (a marker file makes it once per test); elsewhere it adds the pid to the row."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __call__(self, pt, result) -> dict:
+        if os.environ.get("RAY_WORKER_MODE") or "ray" in sys.argv[0] or "default_worker" in " ".join(sys.argv):
+            if not os.path.exists(self.marker):
+                open(self.marker, "w").close()
+                os.kill(os.getpid(), signal.SIGKILL)
+        return {"pid": os.getpid()}
+
+
+def test_sweep_on_ray_equals_the_single_process_sweep_even_when_a_worker_dies(local_ray, tmp_path):
+    """run_sweep with 2 Ray workers (one killed mid-sweep) writes exactly the rows of the single-process sweep."""
+    import json
+    import math
+
+    import interp
+    from interp.data import arithmetic_pairs
+    from interp.score import default_metrics
+
+    model = interp.load_default()
+    pairs = arithmetic_pairs(4, seed=2)
+    config = interp.SweepConfig(kinds=("single", "all"), layers=(1, 3), bootstrap=50)
+    metrics = [*default_metrics(config.family), KillOnce(str(tmp_path / "killed"))]
+    interp.run_sweep(model, pairs, tmp_path / "local", config, progress=False, metrics=metrics)
+    executor = RayExecutor(workers=2)
+    interp.run_sweep(model, pairs, tmp_path / "ray", config, progress=False, metrics=metrics, executor=executor, model_spec=SPEC)
+    assert (tmp_path / "killed").exists() and executor.restarts == 1
+    read = lambda d: [json.loads(line) for line in (tmp_path / d / "results.jsonl").read_text().splitlines()]  # noqa: E731
+    local, remote = {r["test_id"]: r for r in read("local")}, read("ray")
+    assert len(remote) == len({r["test_id"] for r in remote}) == len(local) == 4 * 2 * 7 * 3  # nothing lost, nothing doubled
+    for row in remote:
+        want = local[row["test_id"]]
+        for key, value in want.items():
+            if key == "pid":
+                continue
+            if isinstance(value, float) and not math.isnan(value):
+                assert abs(row[key] - value) <= 1e-5 * max(1.0, abs(value)), (row["test_id"], key)
+            elif not isinstance(value, (float, list)):
+                assert row[key] == value, (row["test_id"], key)
