@@ -39,7 +39,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from benchmarks.baselines import nnsight_patch
 from benchmarks.naive import naive_patch
+from interp.patching import patch_sites
 from interp.engine import STRATEGIES, Job
 from interp.model import CodiModel, fast_layout
 from interp.patching import latent_sites
@@ -135,11 +137,43 @@ def _units(config, pt, model):
     return [(layer, kind, latents) for layer in layers for kind in config.kinds for latents in latent_sets(kind, model.num_latents)]
 
 
+def config_family(hook: str) -> str:
+    return SweepConfig(hook=hook).family
+
+
+def one_at_a_time(model: CodiModel, pt, site, strategy: str, family: str):
+    """The package's one-test-at-a-time path, as a notebook user runs it: `interp.patch_sites`, one call per test."""
+    return patch_sites(model, pt.corrupted, pt.clean, [site], strategy)
+
+
+class NnsightPeer:
+    """The nnsight baseline (benchmarks/baselines.py) on the plain transformers + peft model: the clean
+    run's layer outputs once per pair (its own clean run), then one nnsight patch per test."""
+
+    def __init__(self, model: CodiModel, peer):
+        self.model, self.peer = model, peer
+        self.clean: dict[str, Tensor] = {}  # pair id -> the clean run's layer outputs [n_layers, seq, d]
+
+    def __call__(self, model: CodiModel, pt, site, strategy: str, family: str):
+        from interp.engine import PatchResult, layer_of
+
+        layout = pt.corrupted.layout
+        tail = pt.corrupted.tokens[layout.eot + 1 :].tolist()
+        if pt.pair.id not in self.clean:
+            self.clean[pt.pair.id] = self.peer.run(pt.clean.generation.question_ids.tolist(), tail).layer_outputs
+        latents = [layout.latent_positions.index(p) for p in site.positions]
+        run = nnsight_patch(self.peer, pt.corrupted.generation.question_ids.tolist(), pt.corrupted.latents, self.clean[pt.pair.id][layer_of(site.hook)], tail,
+                            layer=layer_of(site.hook), latents=latents, strategy=strategy)
+        return PatchResult(answer_logits=run.logits, next_logits=run.logits, latents=run.latents, cache=None, generation=None)
+
+
 def run_engine(name: str, model: CodiModel, traces, config, *, batch_size: int | None, keep_logits: dict | None, compare_logits: dict | None,
-               progress: bool, only: set | None = None) -> tuple[EngineRun, float]:
-    """Run every test of the sweep (or the units in `only`) with one engine; returns the run and the
-    max abs answer-logit diff vs `compare_logits`."""
+               progress: bool, only: set | None = None, patch_one=None) -> tuple[EngineRun, float]:
+    """Run every test of the sweep (or the units in `only`) with one engine: "fast" (the engine, batched),
+    or one test per call with `patch_one(model, pt, site, strategy, family)` (the baselines). Returns the
+    run and the max abs diff of the scored token's logits (next_logits) vs `compare_logits`."""
     rows: dict[str, dict[str, Any]] = {}
+    n_tests = 0
     metrics = default_metrics(config.family)
     patch_s = flops = 0.0
     max_diff = 0.0
@@ -160,7 +194,7 @@ def run_engine(name: str, model: CodiModel, traces, config, *, batch_size: int |
         if name == "fast":
             results = patcher.run([Job((site,), s, pair=u.pair_index) for u, s, site in jobs])
         else:
-            results = [naive_patch(model, traces[u.pair_index].corrupted, traces[u.pair_index].clean, [site], s, family=config.family) for u, s, site in jobs]
+            results = [patch_one(model, traces[u.pair_index], site, s, config.family) for u, s, site in jobs]
         _sync(model.device)
         patch_s += time.perf_counter() - t1
         it = iter(results)
@@ -170,18 +204,21 @@ def run_engine(name: str, model: CodiModel, traces, config, *, batch_size: int |
             for s in config.strategies:
                 r = by_strategy[s] = next(it)
                 test_id = u.test_id(pt.pair.id, config.hook_name(u.layer), s)
-                flops += needed_flops(model, pt.corrupted, min(u.latents), s, r.generation.answer_ids)
-                logits = r.answer_logits.detach().float().cpu()
+                n_tests += 1
+                if r.generation is not None:
+                    flops += needed_flops(model, pt.corrupted, min(u.latents), s, r.generation.answer_ids)
+                logits = r.next_logits.detach().float().cpu()
                 if keep_logits is not None:
                     keep_logits[test_id] = logits
                 if compare_logits is not None and test_id in compare_logits:
                     max_diff = max(max_diff, float((logits - compare_logits[test_id]).abs().max()))
-            for row in unit_rows(pt, u, config.hook_name(u.layer), by_strategy, metrics, family=config.family):
-                rows[row["test_id"]] = row
+            if all(r.cache is not None for r in by_strategy.values()):  # peers without activations give logits only
+                for row in unit_rows(pt, u, config.hook_name(u.layer), by_strategy, metrics, family=config.family):
+                    rows[row["test_id"]] = row
         if progress and (name == "fast" or n % 10 == 9 or n == len(batches) - 1):
-            print(f"  {name}: batch {n + 1}/{len(batches)}, {len(rows)} tests, {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+            print(f"  {name}: batch {n + 1}/{len(batches)}, {n_tests} tests, {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     _sync(model.device)
-    return EngineRun(name, len(rows), time.perf_counter() - t0, patch_s, rows, flops), max_diff
+    return EngineRun(name, n_tests, time.perf_counter() - t0, patch_s, rows, flops), max_diff
 
 
 ROW_FIELDS = ("logit_diff", "kl", "latent_cos", "sim_cos", "sim_rel_l2", "par_cos", "par_rel_l2")
@@ -224,7 +261,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--pairs", type=int, default=2, help="pairs in the sweep")
     p.add_argument("--naive-pairs", type=int, default=None, help="run the naive patcher on the first N pairs only (default: all); tests/s is per test")
-    p.add_argument("--naive-tests", type=int, default=None, help="run the naive patcher on about N tests spread evenly over the sweep (default: all)")
+    p.add_argument("--naive-tests", type=int, default=40,
+                   help="run the baselines (naive, one-at-a-time, nnsight) on about N tests spread evenly over the sweep (default 40; 0: all)")
     p.add_argument("--layers", default=None, help="comma-separated layers (default: all)")
     p.add_argument("--kinds", default="single,all,cumulative", help="comma-separated latent-set kinds")
     p.add_argument("--strategies", default="parallel,iterative")
@@ -253,9 +291,24 @@ def bench_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
         model = load_codi(args.checkpoint, args.base, dtype=dtype, device=device)
         args.model = f"checkpoint {args.checkpoint}"
+    elif args.model == "smollm2":  # the checkpoint's state and HF model also build the nnsight peer
+        from interp.loading import load_codi
+        from interp.testing import smollm2_checkpoint
+
+        state, hf, tokenizer = smollm2_checkpoint()
+        model = load_codi(state, (hf, tokenizer), dtype=dtype, device=device)
     else:
         model = build_model(args.model, dtype=dtype, device=device)
     load_s = time.perf_counter() - t0
+    peer, why_no_peer = None, ""
+    if args.model != "smollm2":
+        why_no_peer = "the nnsight baseline needs the checkpoint's HF model: --model smollm2"
+    elif config_family(args.hook) != "hook_resid_post" or dtype != torch.float32 or args.strategies.replace("parallel", "").replace("iterative", "").strip(","):
+        why_no_peer = "the nnsight baseline patches resid_post, parallel/iterative, in float32"
+    else:
+        from benchmarks.baselines import NnsightCodi
+
+        peer = NnsightPeer(model, NnsightCodi.from_checkpoint(state, hf.to(device), tokenizer, num_latents=model.num_latents))
     layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
     config = SweepConfig(hook=args.hook, strategies=tuple(args.strategies.split(",")), kinds=tuple(args.kinds.split(",")), layers=layers, seed=args.seed)
     for s in config.strategies:
@@ -268,7 +321,7 @@ def bench_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     layout_gain = layout_speedup(model, traces[0])
     n_naive = len(traces) if args.naive_pairs is None else min(args.naive_pairs, len(traces))
     only = None
-    if args.naive_tests is not None:
+    if args.naive_tests:
         every = [Unit(pi, layer, kind, latents) for pi, pt in enumerate(traces[:n_naive]) for layer, kind, latents in _units(config, pt, model)]
         n_units = max(1, min(len(every), round(args.naive_tests / len(config.strategies))))
         only = {every[round(i * (len(every) - 1) / max(1, n_units - 1))] for i in range(n_units)}
@@ -280,11 +333,18 @@ def bench_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           f"sequence lengths {sorted({pt.corrupted.seq_len for pt in traces})}; traced in {trace_s:.1f} s")
 
     naive_logits: dict[str, Tensor] = {}
+    fast_logits: dict[str, Tensor] = {}
     fast_layout(model, enable=args.naive_layout == "fast")
-    naive, _ = run_engine("naive", model, traces[:n_naive], config, batch_size=None, keep_logits=naive_logits, compare_logits=None, progress=not args.quiet, only=only)
+    naive_fn = lambda model, pt, site, strategy, family: naive_patch(model, pt.corrupted, pt.clean, [site], strategy, family=family)  # noqa: E731
+    naive, _ = run_engine("naive", model, traces[:n_naive], config, batch_size=None, keep_logits=naive_logits, compare_logits=None, progress=not args.quiet, only=only, patch_one=naive_fn)
     fast_layout(model)
     gc.collect()
-    fast, logit_diff = run_engine("fast", model, traces, config, batch_size=args.batch_size, keep_logits=None, compare_logits=naive_logits, progress=not args.quiet)
+    fast, logit_diff = run_engine("fast", model, traces, config, batch_size=args.batch_size, keep_logits=fast_logits, compare_logits=naive_logits, progress=not args.quiet)
+    peers = [run_engine("one-at-a-time", model, traces[:n_naive], config, batch_size=None, keep_logits=None, compare_logits=fast_logits, progress=not args.quiet,
+                        only=only, patch_one=one_at_a_time)]
+    if peer is not None:
+        peers.append(run_engine("nnsight", model, traces[:n_naive], config, batch_size=None, keep_logits=None, compare_logits=fast_logits, progress=not args.quiet,
+                                only=only, patch_one=peer))
     cmp = compare_rows(naive.rows, fast.rows)
     peak = matmul_flops_per_s(model)
     naive_rate, fast_rate = naive.tests / naive.seconds, fast.tests / fast.seconds
@@ -293,11 +353,15 @@ def bench_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     rel_diff = logit_diff / scale
     agree = rel_diff < REL_TOL.get(dtype, math.inf) and cmp["answers_differ"] == 0 and cmp["tests"] == naive.tests
     batch = sweep_patcher(model, traces, config, args.batch_size).batch_size
-    for run in (naive, fast):
-        print(f"{run.name:>5}: {run.tests} tests in {run.seconds:.2f} s = {run.tests / run.seconds:.2f} tests/s "
-              f"(patching {run.patch_seconds:.2f} s, scoring {run.seconds - run.patch_seconds:.2f} s); "
-              f"needed {run.flops / run.tests / 1e9:.3f} GFLOP/test, achieved {run.flops / run.patch_seconds / 1e9:.2f} GFLOP/s = "
-              f"{100 * run.flops / run.patch_seconds / peak:.2f}% of ideal")
+    for run in (naive, *(p for p, _ in peers), fast):
+        achieved = run.flops / run.patch_seconds
+        efficiency = f"; needed {run.flops / run.tests / 1e9:.3f} GFLOP/test, achieved {achieved / 1e9:.2f} GFLOP/s = {100 * achieved / peak:.2f}% of ideal" if run.flops else ""
+        print(f"{run.name:>13}: {run.tests} tests in {run.seconds:.2f} s = {run.tests / run.seconds:.2f} tests/s "
+              f"(patching {run.patch_seconds:.2f} s, scoring {run.seconds - run.patch_seconds:.2f} s){efficiency}")
+    for run, diff in peers:
+        print(f"{run.name} agreement with the engine on {run.tests} tests: scored-token logits max abs diff {diff:.3e} ({diff / scale:.2e} of the largest logit)")
+    if not peer:
+        print(f"nnsight baseline not run: {why_no_peer}")
     print(f"ideal (matmul in {args.dtype} here): {peak / 1e9:.1f} GFLOP/s; fast batch size {batch}; naive weight layout {args.naive_layout} "
           f"(one full-sequence pass is {layout_gain:.2f}x faster in the fast layout)")
     print(f"memory: {peak_memory(torch.device(device))}")
@@ -309,8 +373,12 @@ def bench_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(("results agree" if agree else "RESULTS DIFFER") + f" (tolerance {REL_TOL[dtype]:g} of the largest logit{target})")
     else:
         print("results compared; no tolerance in bfloat16 (batched and single passes round differently)")
+    ratios = {run.name: fast_rate / (run.tests / run.seconds) for run, _ in peers}
+    for name, ratio in ratios.items():
+        print(f"vs {name}: {ratio:.2f}x")
     print(f"speedup: {speedup:.2f}x, max abs diff: {logit_diff:.3e}")
-    return {"speedup": speedup, "max_abs_diff": logit_diff, "naive_tests_per_s": naive_rate, "fast_tests_per_s": fast_rate, "agree": agree, "compare": cmp}
+    return {"speedup": speedup, "max_abs_diff": logit_diff, "naive_tests_per_s": naive_rate, "fast_tests_per_s": fast_rate, "agree": agree, "compare": cmp,
+            "vs": ratios, "peer_max_abs_diff": {run.name: diff for run, diff in peers}}
 
 
 def layout_speedup(model: CodiModel, pt, repeats: int = 3) -> float:

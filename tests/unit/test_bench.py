@@ -1,4 +1,4 @@
-"""`interp bench` on the tiny random model: runs both engines, agrees, and ends with the parseable line."""
+"""`interp bench` on the tiny random model: runs the engine and its baselines, agrees, and ends with the parseable line."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ def test_bench_runs_and_its_last_line_parses(capsys):
     assert result["agree"] and result["compare"]["tests"] == 2 and result["compare"]["answers_differ"] == 0
     assert any(line.startswith("results agree") for line in lines)
     assert any("tests/s" in line and line.lstrip().startswith("naive:") for line in lines)
+    assert any(line.startswith("vs one-at-a-time: ") for line in lines) and result["peer_max_abs_diff"]["one-at-a-time"] < 1e-4
+    assert any(line.startswith("nnsight baseline not run: ") for line in lines)  # a random model has no HF twin
     assert any(line.startswith("memory: peak RSS") for line in lines)
 
 
