@@ -41,10 +41,9 @@ from torch import Tensor
 
 from benchmarks.baselines import nnsight_patch
 from benchmarks.naive import naive_patch
-from interp.patching import patch_sites
 from interp.engine import STRATEGIES, Job
 from interp.model import CodiModel, fast_layout
-from interp.patching import latent_sites
+from interp.patching import latent_sites, patch_sites
 from interp.plan import Unit, batch_order, latent_sets
 from interp.score import default_metrics, unit_rows
 from interp.sweep import SweepConfig, sweep_patcher
