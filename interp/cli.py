@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -224,7 +225,14 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    """The main job: pairs -> patch sweep -> report, on the embedded model unless a checkpoint is given."""
+    """The main job: pairs -> patch sweep -> report, on the embedded model unless a checkpoint is given.
+
+    With `--checkpoints a,b,c`: one run directory per checkpoint under --out (same base and options,
+    the same pairs: those of --pairs, or built and filtered with the first checkpoint), then
+    `comparison.json` and `comparison.html` across them.
+    """
+    if args.checkpoints:
+        return run_checkpoints(args)
     from interp.data import load_pairs
     from interp.report import export_pngs, write_report
     from interp.runio import check_output_dir
@@ -239,6 +247,40 @@ def cmd_run(args: argparse.Namespace) -> None:
     report = write_report(out)
     export_pngs(out)
     print(f"report: {report}")
+
+
+def run_checkpoints(args: argparse.Namespace) -> None:
+    """`interp run --checkpoints a,b,c`: a run directory per checkpoint and a comparison across them."""
+    import copy
+
+    from interp.data import load_pairs, save_pairs
+    from interp.report import write_comparison
+    from interp.runio import check_output_dir
+
+    if args.checkpoint:
+        raise UsageError("--checkpoint and --checkpoints: give one of them")
+    names = [c for c in args.checkpoints.split(",") if c]
+    if len(names) != len(set(names)) or not names:
+        raise UsageError(f"--checkpoints {args.checkpoints}: accepted: distinct checkpoint paths or hub ids, comma-separated")
+    out = check_output_dir(args.out)
+    dirs = {name: out / re.sub(r"[^A-Za-z0-9._-]+", "_", name.strip("/")) for name in names}
+    if len(set(dirs.values())) != len(dirs):
+        raise UsageError(f"--checkpoints {args.checkpoints}: two checkpoints map to one run directory name; rename one")
+    pairs = meta = None
+    if args.pairs:
+        pairs, meta = load_pairs(args.pairs)
+    for name, run_dir in dirs.items():
+        one = copy.copy(args)
+        one.checkpoint, one.out = name, str(run_dir)
+        model = load_model(one)
+        if pairs is None:  # built and filtered with the first checkpoint; every run uses these
+            pairs, meta = build_pairs(one, model)
+            out.mkdir(parents=True, exist_ok=True)
+            save_pairs(out / "pairs.json", pairs, meta)
+        print(f"== {name} -> {run_dir}")
+        run_patch_sweep(one, model, pairs, {**model_provenance(one), "pairs_meta": meta})
+        del model
+    print(f"comparison: {write_comparison(list(dirs.values()), out, labels=names)}")
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
@@ -379,6 +421,8 @@ def parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_pair_source_args(p, n=40)
     p.add_argument("--pairs", default=None, help="use this pairs file instead of building pairs")
+    p.add_argument("--checkpoints", default=None,
+                   help="comma-separated checkpoints (paths or hub ids, one base): a run directory each under --out and a comparison report")
     add_sweep_args(p, default_out="results/run")
     p.set_defaults(func=cmd_run)
 

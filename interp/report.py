@@ -226,3 +226,45 @@ def export_pngs(run_dir: str | Path, width: int = 1200) -> list[Path]:
         warnings.warn(f"PNG export skipped ({type(exc).__name__}: {first}); install kaleido (pip install kaleido) and Chromium (apt-get install chromium)", stacklevel=2)
         return []
     return paths
+
+
+def write_comparison(run_dirs: list[Path], out: str | Path, labels: list[str] | None = None) -> Path:
+    """`comparison.json` and `comparison.html` in `out`: several runs (one per checkpoint) side by side.
+
+    Per run and (strategy, kind): the mean normalized effect and flip rate over pairs, layers and latent
+    sets, with the bootstrap CI of the mean over pairs of each pair's mean; and each run's verdict.
+    """
+    from interp.runio import atomic_write_json
+    from interp.stats import cell_stats
+
+    out = Path(out)
+    labels = labels or [d.name for d in run_dirs]
+    rows, verdicts = [], {}
+    for label, run_dir in zip(labels, run_dirs):
+        df = load_results(run_dir)
+        per_pair = df.groupby(["pair_id", "strategy", "kind"], as_index=False)[["normalized_effect", "flip"]].mean()
+        for metric in ("normalized_effect", "flip"):
+            for r in cell_stats(per_pair, metric, 2000, 0, ("strategy", "kind")).to_dict("records"):
+                rows.append({"checkpoint": label, "metric": metric, **r})
+        verdicts[label] = (_read_json(Path(run_dir) / "summary.json") or {}).get("verdict", "unfinished")
+    atomic_write_json(out / "comparison.json", {"runs": dict(zip(labels, map(str, run_dirs))), "cells": rows, "verdicts": verdicts})
+    table = pd.DataFrame([r for r in rows if r["metric"] == "normalized_effect"])
+    fig = go.Figure()
+    for label in labels:
+        t = table[table["checkpoint"] == label]
+        fig.add_trace(go.Bar(name=label, x=[f"{s} / {k}" for s, k in zip(t["strategy"], t["kind"])], y=t["mean"],
+                             error_y={"type": "data", "symmetric": False, "array": t["ci_high"] - t["mean"], "arrayminus": t["mean"] - t["ci_low"]}))
+    fig.update_layout(barmode="group", title="mean normalized effect per strategy and latent-set kind (95% CI over pairs)", yaxis_title="normalized effect")
+    items = "".join(f"<li><b>{html.escape(label)}</b>: {html.escape(v)}</li>" for label, v in verdicts.items())
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>interp comparison</title><style>{STYLE}</style>
+<script type="text/javascript">{get_plotlyjs()}</script></head><body>
+<h1>Patching sweeps compared across checkpoints</h1>
+<h2>Verdicts</h2><ul>{items}</ul>
+<h2>Effects</h2>{fig.to_html(full_html=False, include_plotlyjs=False)}
+<p>Each run's own report.html has every figure; comparison.json holds these numbers.</p>
+</body></html>
+"""
+    path = out / "comparison.html"
+    path.write_text(page, encoding="utf-8")
+    return path

@@ -53,3 +53,28 @@ def test_patch_rejects_malformed_pairs_file(tmp_path, capsys):
         main(["patch", "--pairs", str(bad), "--out", str(tmp_path / "run")])
     assert info.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_run_over_several_checkpoints_writes_a_run_each_and_a_comparison(tmp_path):
+    """Two checkpoints (the embedded weights at two paths, the second renamed): same pairs, two run
+    directories with the same rows, and a comparison of both."""
+    import json
+    import shutil
+
+    from interp.cli import main
+    from interp.loading import EMBEDDED_DIR
+
+    second = tmp_path / "ckpt-b" / "model.safetensors"
+    second.parent.mkdir()
+    shutil.copy(EMBEDDED_DIR / "model.safetensors", second)
+    first = str(EMBEDDED_DIR / "model.safetensors")
+    out = tmp_path / "cmp"
+    main(["run", "--checkpoints", f"{first},{second}", "--base", str(EMBEDDED_DIR / "base"), "--n", "2", "--layers", "1", "--kinds", "all",
+          "--strategy", "parallel,iterative", "--out", str(out)])
+    runs = sorted(p for p in out.iterdir() if p.is_dir())
+    assert len(runs) == 2 and (out / "pairs.json").exists() and (out / "comparison.html").exists()
+    rows = [{r["test_id"]: r["logit_diff"] for r in map(json.loads, (run / "results.jsonl").read_text().splitlines())} for run in runs]
+    assert len(rows[0]) == 2 * 2 and rows[0] == rows[1]  # the same weights: the same rows
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert set(comparison["verdicts"]) == {first, str(second)}
+    assert {(c["checkpoint"], c["strategy"], c["metric"]) for c in comparison["cells"]} >= {(first, "iterative", "flip"), (str(second), "parallel", "normalized_effect")}
