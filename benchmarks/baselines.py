@@ -114,8 +114,7 @@ class NnsightCodi:
         self.bot_id, self.eot_id, self.eos_id, self.num_latents = bot_id, eot_id, eos_id, num_latents
 
     @classmethod
-    def from_checkpoint(cls, state: Mapping[str, Tensor], base: PreTrainedModel, tokenizer: Any, *, lora_alpha: float = 32.0,
-                        num_latents: int = 6) -> NnsightCodi:
+    def from_checkpoint(cls, state: Mapping[str, Tensor], base: PreTrainedModel, tokenizer: Any, *, lora_alpha: float = 32.0, num_latents: int = 6) -> NnsightCodi:
         """From a CODI state_dict on an HF base of vocabulary V: bot = V + 1, eot = V + 2, eos = the tokenizer's."""
         model, prj = hf_codi(state, base, lora_alpha=lora_alpha)
         v = base.get_input_embeddings().weight.shape[0]
@@ -129,8 +128,9 @@ class NnsightCodi:
         """Input embeddings [1, len(ids), d]."""
         return self.hf.get_input_embeddings()(torch.tensor([list(ids)], device=self.device))
 
-    def _pass(self, embeds: Tensor, cache: DynamicCache, *, patch: tuple[int, list[int], Tensor] | None = None,
-              save_layers: bool = False, logit_positions: Sequence[int] = (-1,)) -> tuple[Tensor, Tensor, list[Tensor]]:
+    def _pass(
+        self, embeds: Tensor, cache: DynamicCache, *, patch: tuple[int, list[int], Tensor] | None = None, save_layers: bool = False, logit_positions: Sequence[int] = (-1,)
+    ) -> tuple[Tensor, Tensor, list[Tensor]]:
         """One traced pass over embeds [1, n, d] after the cached positions.
 
         patch: (layer, chunk-relative positions, values [len, d]) written into that layer's output.

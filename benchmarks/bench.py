@@ -161,13 +161,22 @@ class NnsightPeer:
         if pt.pair.id not in self.clean:
             self.clean[pt.pair.id] = self.peer.run(pt.clean.generation.question_ids.tolist(), tail).layer_outputs
         latents = [layout.latent_positions.index(p) for p in site.positions]
-        run = nnsight_patch(self.peer, pt.corrupted.generation.question_ids.tolist(), pt.corrupted.latents, self.clean[pt.pair.id][layer_of(site.hook)], tail,
-                            layer=layer_of(site.hook), latents=latents, strategy=strategy)
+        run = nnsight_patch(
+            self.peer,
+            pt.corrupted.generation.question_ids.tolist(),
+            pt.corrupted.latents,
+            self.clean[pt.pair.id][layer_of(site.hook)],
+            tail,
+            layer=layer_of(site.hook),
+            latents=latents,
+            strategy=strategy,
+        )
         return PatchResult(answer_logits=run.logits, next_logits=run.logits, latents=run.latents, cache=None, generation=None)
 
 
-def run_engine(name: str, model: CodiModel, traces, config, *, batch_size: int | None, keep_logits: dict | None, compare_logits: dict | None,
-               progress: bool, only: set | None = None, patch_one=None) -> tuple[EngineRun, float]:
+def run_engine(
+    name: str, model: CodiModel, traces, config, *, batch_size: int | None, keep_logits: dict | None, compare_logits: dict | None, progress: bool, only: set | None = None, patch_one=None
+) -> tuple[EngineRun, float]:
     """Run every test of the sweep (or the units in `only`) with one engine: "fast" (the engine, batched),
     or one test per call with `patch_one(model, pt, site, strategy, family)` (the baselines). Returns the
     run and the max abs diff of the scored token's logits (next_logits) vs `compare_logits`."""
@@ -254,14 +263,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--model", choices=MODELS, default="embedded")
     p.add_argument("--checkpoint", default=None, help="a CODI checkpoint to bench instead of --model (with --base)")
     p.add_argument("--base", default=None, help="local base model directory (config + tokenizer) for --checkpoint")
-    p.add_argument("--naive-layout", choices=("plain", "fast"), default="fast",
-                   help="weight layout for the naive patcher: the fast engine's (default: the speed-up is the engine's alone) or TransformerLens's own (plain, as a first study runs)")
+    p.add_argument(
+        "--naive-layout",
+        choices=("plain", "fast"),
+        default="fast",
+        help="weight layout for the naive patcher: the fast engine's (default: the speed-up is the engine's alone) or TransformerLens's own (plain, as a first study runs)",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--pairs", type=int, default=2, help="pairs in the sweep")
     p.add_argument("--naive-pairs", type=int, default=None, help="run the naive patcher on the first N pairs only (default: all); tests/s is per test")
-    p.add_argument("--naive-tests", type=int, default=40,
-                   help="run the baselines (naive, one-at-a-time, nnsight) on about N tests spread evenly over the sweep (default 40; 0: all)")
+    p.add_argument("--naive-tests", type=int, default=40, help="run the baselines (naive, one-at-a-time, nnsight) on about N tests spread evenly over the sweep (default 40; 0: all)")
     p.add_argument("--layers", default=None, help="comma-separated layers (default: all)")
     p.add_argument("--kinds", default="single,all,cumulative", help="comma-separated latent-set kinds")
     p.add_argument("--strategies", default="parallel,iterative")
@@ -328,8 +340,10 @@ def bench_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     shape = f"{cfg.n_layers} layers, d_model {cfg.d_model}, heads {cfg.n_heads}/{cfg.n_key_value_heads}, d_mlp {cfg.d_mlp}, vocab {cfg.d_vocab}"
     print(f"model {args.model}: {shape}, {args.dtype} on {device} ({torch.get_num_threads()} CPU threads); loaded in {load_s:.1f} s")
     naive_scope = f"naive on {n_naive}" + (f", about {args.naive_tests} tests spread over them" if args.naive_tests else "")
-    print(f"sweep: {len(pairs)} pairs ({naive_scope}), hook {config.hook}, layers {list(layers) if layers else 'all'}, kinds {list(config.kinds)}, strategies {list(config.strategies)}; "
-          f"sequence lengths {sorted({pt.corrupted.seq_len for pt in traces})}; traced in {trace_s:.1f} s")
+    print(
+        f"sweep: {len(pairs)} pairs ({naive_scope}), hook {config.hook}, layers {list(layers) if layers else 'all'}, kinds {list(config.kinds)}, strategies {list(config.strategies)}; "
+        f"sequence lengths {sorted({pt.corrupted.seq_len for pt in traces})}; traced in {trace_s:.1f} s"
+    )
 
     naive_logits: dict[str, Tensor] = {}
     fast_logits: dict[str, Tensor] = {}
@@ -339,11 +353,9 @@ def bench_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     fast_layout(model)
     gc.collect()
     fast, logit_diff = run_engine("fast", model, traces, config, batch_size=args.batch_size, keep_logits=fast_logits, compare_logits=naive_logits, progress=not args.quiet)
-    peers = [run_engine("one-at-a-time", model, traces[:n_naive], config, batch_size=None, keep_logits=None, compare_logits=fast_logits, progress=not args.quiet,
-                        only=only, patch_one=one_at_a_time)]
+    peers = [run_engine("one-at-a-time", model, traces[:n_naive], config, batch_size=None, keep_logits=None, compare_logits=fast_logits, progress=not args.quiet, only=only, patch_one=one_at_a_time)]
     if peer is not None:
-        peers.append(run_engine("nnsight", model, traces[:n_naive], config, batch_size=None, keep_logits=None, compare_logits=fast_logits, progress=not args.quiet,
-                                only=only, patch_one=peer))
+        peers.append(run_engine("nnsight", model, traces[:n_naive], config, batch_size=None, keep_logits=None, compare_logits=fast_logits, progress=not args.quiet, only=only, patch_one=peer))
     cmp = compare_rows(naive.rows, fast.rows)
     peak = matmul_flops_per_s(model)
     naive_rate, fast_rate = naive.tests / naive.seconds, fast.tests / fast.seconds
@@ -355,18 +367,24 @@ def bench_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for run in (naive, *(p for p, _ in peers), fast):
         achieved = run.flops / run.patch_seconds
         efficiency = f"; needed {run.flops / run.tests / 1e9:.3f} GFLOP/test, achieved {achieved / 1e9:.2f} GFLOP/s = {100 * achieved / peak:.2f}% of ideal" if run.flops else ""
-        print(f"{run.name:>13}: {run.tests} tests in {run.seconds:.2f} s = {run.tests / run.seconds:.2f} tests/s "
-              f"(patching {run.patch_seconds:.2f} s, scoring {run.seconds - run.patch_seconds:.2f} s){efficiency}")
+        print(
+            f"{run.name:>13}: {run.tests} tests in {run.seconds:.2f} s = {run.tests / run.seconds:.2f} tests/s "
+            f"(patching {run.patch_seconds:.2f} s, scoring {run.seconds - run.patch_seconds:.2f} s){efficiency}"
+        )
     for run, diff in peers:
         print(f"{run.name} agreement with the engine on {run.tests} tests: scored-token logits max abs diff {diff:.3e} ({diff / scale:.2e} of the largest logit)")
     if not peer:
         print(f"nnsight baseline not run: {why_no_peer}")
-    print(f"ideal (matmul in {args.dtype} here): {peak / 1e9:.1f} GFLOP/s; fast batch size {batch}; naive weight layout {args.naive_layout} "
-          f"(one full-sequence pass is {layout_gain:.2f}x faster in the fast layout)")
+    print(
+        f"ideal (matmul in {args.dtype} here): {peak / 1e9:.1f} GFLOP/s; fast batch size {batch}; naive weight layout {args.naive_layout} "
+        f"(one full-sequence pass is {layout_gain:.2f}x faster in the fast layout)"
+    )
     print(f"memory: {peak_memory(torch.device(device))}")
     fields = ", ".join(f"{k} {v:.2e}" for k, v in cmp["max_abs_diff"].items())
-    print(f"agreement on {cmp['tests']} tests: answer logits max abs diff {logit_diff:.3e} ({rel_diff:.2e} of the largest logit, {scale:.1f}); "
-          f"{fields}; decoded answers differing: {cmp['answers_differ']}")
+    print(
+        f"agreement on {cmp['tests']} tests: answer logits max abs diff {logit_diff:.3e} ({rel_diff:.2e} of the largest logit, {scale:.1f}); "
+        f"{fields}; decoded answers differing: {cmp['answers_differ']}"
+    )
     if dtype in REL_TOL:
         target = f"; abs diff {'<' if logit_diff < FP32_TOL else '>='} {FP32_TOL:g}" if dtype == torch.float32 else ""
         print(("results agree" if agree else "RESULTS DIFFER") + f" (tolerance {REL_TOL[dtype]:g} of the largest logit{target})")
@@ -376,8 +394,16 @@ def bench_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for name, ratio in ratios.items():
         print(f"vs {name}: {ratio:.2f}x")
     print(f"speedup: {speedup:.2f}x, max abs diff: {logit_diff:.3e}")
-    return {"speedup": speedup, "max_abs_diff": logit_diff, "naive_tests_per_s": naive_rate, "fast_tests_per_s": fast_rate, "agree": agree, "compare": cmp,
-            "vs": ratios, "peer_max_abs_diff": {run.name: diff for run, diff in peers}}
+    return {
+        "speedup": speedup,
+        "max_abs_diff": logit_diff,
+        "naive_tests_per_s": naive_rate,
+        "fast_tests_per_s": fast_rate,
+        "agree": agree,
+        "compare": cmp,
+        "vs": ratios,
+        "peer_max_abs_diff": {run.name: diff for run, diff in peers},
+    }
 
 
 def layout_speedup(model: CodiModel, pt, repeats: int = 3) -> float:

@@ -20,8 +20,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (default: the embedded model shipped with interp)")
     g.add_argument(
         "--checkpoint",
-        help="CODI checkpoint: a hub id (zen-E/CODI-gpt2, zen-E/CODI-llama3.2-1b-Instruct), a directory or a file "
-        "(model.safetensors / pytorch_model.bin)",
+        help="CODI checkpoint: a hub id (zen-E/CODI-gpt2, zen-E/CODI-llama3.2-1b-Instruct), a directory or a file (model.safetensors / pytorch_model.bin)",
     )
     g.add_argument(
         "--base",
@@ -34,16 +33,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--lora-alpha",
         type=float,
         default=32.0,
-        help="LoRA alpha: not stored in checkpoints; official code default 16, released scripts 32 (default 32). "
-        "The value used is printed when the model loads",
+        help="LoRA alpha: not stored in checkpoints; official code default 16, released scripts 32 (default 32). The value used is printed when the model loads",
     )
     g.add_argument("--num-latents", type=int, default=6)
     g.add_argument(
         "--remove-eos",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="--remove-eos (default, the released scripts): [question, bot] and [eot] before decoding; "
-        "--no-remove-eos (the official code's default): [question, eos, bot] and [eot, eos]",
+        help="--remove-eos (default, the released scripts): [question, bot] and [eot] before decoding; --no-remove-eos (the official code's default): [question, eos, bot] and [eot, eos]",
     )
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     g.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
@@ -173,8 +170,15 @@ def ray_executor(args: argparse.Namespace):
     if args.workers < 1:
         raise UsageError(f"--workers {args.workers}: accepted: 1 or more")
     spec = ModelSpec(
-        checkpoint=args.checkpoint or "embedded", base=args.base, dtype=args.dtype, device=args.device or "auto", lora_alpha=args.lora_alpha,
-        num_latents=args.num_latents, remove_eos=args.remove_eos, revision=args.revision, base_revision=args.base_revision,
+        checkpoint=args.checkpoint or "embedded",
+        base=args.base,
+        dtype=args.dtype,
+        device=args.device or "auto",
+        lora_alpha=args.lora_alpha,
+        num_latents=args.num_latents,
+        remove_eos=args.remove_eos,
+        revision=args.revision,
+        base_revision=args.base_revision,
     )
     try:
         return RayExecutor(address=args.ray or None, workers=args.workers), spec
@@ -197,8 +201,7 @@ def run_patch_sweep(args: argparse.Namespace, model, pairs, provenance: dict, pa
     from interp.report import write_examples
 
     executor, spec = ray_executor(args)
-    summary = run_sweep(model, pairs, args.out, config, provenance=provenance, logger=wandb_logger(args, config),
-                        force_new=args.force_new, pairs_meta=pairs_meta, executor=executor, model_spec=spec)
+    summary = run_sweep(model, pairs, args.out, config, provenance=provenance, logger=wandb_logger(args, config), force_new=args.force_new, pairs_meta=pairs_meta, executor=executor, model_spec=spec)
     write_examples(model, pairs, args.out)  # after the sweep: the run directory is checked and written under its lock first
     print(summary["verdict"])
     if summary["validity"]["n_failed"]:
@@ -319,25 +322,28 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def add_sweep_args(p: argparse.ArgumentParser, default_out: str | None) -> None:
     p.add_argument("--hook", default="resid_post", help="hook family (resid_pre|resid_mid|resid_post|attn_out|mlp_out) or a template like 'blocks.{L}.attn.hook_z'")
-    p.add_argument("--strategy", default="all",
-                   help="all (parallel,iterative,feedback) or a comma-separated subset: parallel (attention only), iterative (attention and projection), feedback (projection only)")
+    p.add_argument(
+        "--strategy", default="all", help="all (parallel,iterative,feedback) or a comma-separated subset: parallel (attention only), iterative (attention and projection), feedback (projection only)"
+    )
     p.add_argument("--kinds", default=None, help="comma-separated subset of single,all,cumulative (default: all three)")
     p.add_argument("--layers", default=None, help="comma-separated layers (default: every layer)")
     p.add_argument("--out", required=default_out is None, default=default_out, help="run directory (resumes if it exists)")
     p.add_argument("--quick", action="store_true", help="5 pairs only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--wandb", action="store_true", help="log to Weights & Biases (honours WANDB_MODE=offline)")
-    p.add_argument("--intervention", default="clean",
-                   help="what is written at the sites: clean (the clean run's activation), mean (mean over every pair's clean run), zero")
-    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
-                   help="run the units on Ray actors (pip install 'interp[ray]'): a cluster address, or none for a local Ray instance")
+    p.add_argument("--intervention", default="clean", help="what is written at the sites: clean (the clean run's activation), mean (mean over every pair's clean run), zero")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS", help="run the units on Ray actors (pip install 'interp[ray]'): a cluster address, or none for a local Ray instance")
     p.add_argument("--workers", type=int, default=2, help="Ray actors, each loading the model once (GPU actors when the cluster has GPUs)")
     p.add_argument("--force-new", action="store_true", help="wipe the run in --out (its results, run.json, summary, report) and start over")
 
 
 def add_pair_source_args(p: argparse.ArgumentParser, n: int) -> None:
-    p.add_argument("--source", choices=["arithmetic", "gsm8k", "three-step"], default="arithmetic",
-                   help="three-step: Cywinski et al.'s word problems (for real checkpoints; the embedded model knows only arithmetic)")
+    p.add_argument(
+        "--source",
+        choices=["arithmetic", "gsm8k", "three-step"],
+        default="arithmetic",
+        help="three-step: Cywinski et al.'s word problems (for real checkpoints; the embedded model knows only arithmetic)",
+    )
     p.add_argument("--n", type=positive_int, default=n, help="number of pairs to keep (1 or more)")
     p.add_argument("--gsm8k", default=None, help="GSM8K JSONL file or directory (default: the hub copy via `datasets`)")
     p.add_argument("--split", default="test")
@@ -421,8 +427,7 @@ def parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_pair_source_args(p, n=40)
     p.add_argument("--pairs", default=None, help="use this pairs file instead of building pairs")
-    p.add_argument("--checkpoints", default=None,
-                   help="comma-separated checkpoints (paths or hub ids, one base): a run directory each under --out and a comparison report")
+    p.add_argument("--checkpoints", default=None, help="comma-separated checkpoints (paths or hub ids, one base): a run directory each under --out and a comparison report")
     add_sweep_args(p, default_out="results/run")
     p.set_defaults(func=cmd_run)
 

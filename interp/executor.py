@@ -73,8 +73,17 @@ class ModelSpec:
         dtype, device = DTYPES[self.dtype], self.resolved_device()
         if self.checkpoint == "embedded":
             return load_default(dtype=dtype, device=device)
-        return load_codi(self.checkpoint, self.base, lora_alpha=self.lora_alpha, num_latents=self.num_latents, remove_eos=self.remove_eos,
-                         revision=self.revision, base_revision=self.base_revision, dtype=dtype, device=device)
+        return load_codi(
+            self.checkpoint,
+            self.base,
+            lora_alpha=self.lora_alpha,
+            num_latents=self.num_latents,
+            remove_eos=self.remove_eos,
+            revision=self.revision,
+            base_revision=self.base_revision,
+            dtype=dtype,
+            device=device,
+        )
 
 
 def batches(units: Sequence[U], batch_size: int) -> list[list[U]]:
@@ -132,8 +141,17 @@ class RayExecutor(Generic[U]):
     init_kwargs: extra `ray.init` arguments (e.g. num_cpus for a local instance, runtime_env).
     """
 
-    def __init__(self, address: str | None = None, workers: int = 2, num_gpus: float | str = "auto", *, cpus_per_worker: int = 1,
-                 in_flight: int = 2, max_attempts: int = 3, init_kwargs: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        address: str | None = None,
+        workers: int = 2,
+        num_gpus: float | str = "auto",
+        *,
+        cpus_per_worker: int = 1,
+        in_flight: int = 2,
+        max_attempts: int = 3,
+        init_kwargs: dict[str, Any] | None = None,
+    ):
         try:
             import ray
         except ImportError:
@@ -149,10 +167,7 @@ class RayExecutor(Generic[U]):
             raise ValueError(f"num_gpus must be 'auto' or a number >= 0, got {num_gpus!r}")
         cpus = ray.cluster_resources().get("CPU", 0)
         if workers * num_gpus > gpus or workers * cpus_per_worker > cpus:  # more would wait forever for resources
-            raise ValueError(
-                f"{workers} workers x ({cpus_per_worker} CPUs, {num_gpus} GPUs) do not fit the Ray cluster ({cpus:g} CPUs, {gpus:g} GPUs); "
-                "use fewer --workers or add nodes"
-            )
+            raise ValueError(f"{workers} workers x ({cpus_per_worker} CPUs, {num_gpus} GPUs) do not fit the Ray cluster ({cpus:g} CPUs, {gpus:g} GPUs); use fewer --workers or add nodes")
         self.ray = ray
         self.workers, self.num_gpus, self.cpus_per_worker = workers, num_gpus, cpus_per_worker
         self.in_flight, self.max_attempts = in_flight, max_attempts

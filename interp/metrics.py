@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -19,10 +19,7 @@ def first_difference(clean_ids: Sequence[int], corrupted_ids: Sequence[int]) -> 
     for i, (a, b) in enumerate(zip(clean_ids, corrupted_ids)):
         if a != b:
             return i
-    raise ValueError(
-        f"answers {list(clean_ids)} and {list(corrupted_ids)} share all their tokens up to the shorter one's "
-        "end, so no token tells them apart; drop this pair (interp.data.align does)"
-    )
+    raise ValueError(f"answers {list(clean_ids)} and {list(corrupted_ids)} share all their tokens up to the shorter one's end, so no token tells them apart; drop this pair (interp.data.align does)")
 
 
 def logit_diff(logits: Tensor, clean_token: int, corrupted_token: int) -> float:
@@ -54,9 +51,7 @@ def answer_flip(patched_answer: float | None, clean_answer: float | None) -> boo
     return patched_answer is not None and clean_answer is not None and patched_answer == clean_answer
 
 
-def cache_similarity(
-    a: ActivationCache, b: ActivationCache, family: str, positions: Sequence[int] | None = None
-) -> dict[str, Tensor]:
+def cache_similarity(a: ActivationCache, b: ActivationCache, family: str, positions: Sequence[int] | None = None) -> dict[str, Tensor]:
     """Per-(layer, position) cosine similarity and relative L2 of a hook family in two caches.
 
     `family` is a hook suffix present in every block (`hook_resid_post`, `attn.hook_z`, ...).

@@ -130,10 +130,15 @@ class Trace:
 #: forward pass, which dominates small batches on a CPU. Stored in that layout, the same calls return
 #: views of the storage: F.linear gets the same contiguous matrix, so every result is bitwise the same.
 _LAYOUT = {
-    "attn.W_Q": (0, 2, 1), "attn.W_K": (0, 2, 1), "attn.W_V": (0, 2, 1),  # [h, dm, dh] from [h, dh, dm]
-    "attn._W_K": (0, 2, 1), "attn._W_V": (0, 2, 1),
+    "attn.W_Q": (0, 2, 1),
+    "attn.W_K": (0, 2, 1),
+    "attn.W_V": (0, 2, 1),  # [h, dm, dh] from [h, dh, dm]
+    "attn._W_K": (0, 2, 1),
+    "attn._W_V": (0, 2, 1),
     "attn.W_O": (1, 2, 0),  # [h, dh, dm] from [dm, h, dh]
-    "mlp.W_in": (1, 0), "mlp.W_gate": (1, 0), "mlp.W_out": (1, 0),  # transposes
+    "mlp.W_in": (1, 0),
+    "mlp.W_gate": (1, 0),
+    "mlp.W_out": (1, 0),  # transposes
     "unembed.W_U": (1, 0),
 }
 
@@ -212,10 +217,7 @@ class CodiModel:
         """Token ids [n] of the answer as written after the prefix (" 18" -> " " + "18" on Llama-3)."""
         ids = answer_ids(self.tokenizer, answer, self.answer_prefix)
         if ids is None:
-            raise ValueError(
-                f"the answer {answer_text(answer)!r} changes how the prefix {self.answer_prefix!r} tokenizes; "
-                "the answer's tokens cannot be separated from the prefix"
-            )
+            raise ValueError(f"the answer {answer_text(answer)!r} changes how the prefix {self.answer_prefix!r} tokenizes; the answer's tokens cannot be separated from the prefix")
         return torch.tensor(ids, dtype=torch.long)
 
     def embed(self, tokens: Tensor) -> Tensor:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -28,7 +28,7 @@ from plotly.subplots import make_subplots
 from interp.model import CodiModel, Generation, Trace
 from interp.patching import STRATEGIES
 from interp.runio import read_jsonl, unique_rows
-from interp.stats import METRICS, bootstrap_ci, cell_stats
+from interp.stats import METRICS, cell_stats
 
 SIMILARITIES = ("sim_cos", "sim_rel_l2", "par_cos", "par_rel_l2")
 #: ranges a metric's colour scale always covers (None: the data decides that end)
@@ -168,11 +168,22 @@ def heatmap(df: pd.DataFrame, metric: str = "normalized_effect", strategy: str |
         z, hover = _grid(stats[stats["strategy"] == s], layers, columns, kind)
         fig.add_trace(
             go.Heatmap(
-                z=z, x=labels, y=layers, zmin=zmin, zmax=zmax, colorscale="Viridis", showscale=i == len(strategies) - 1,
-                colorbar={"title": {"text": metric}}, customdata=hover, hovertemplate="%{customdata}<extra>" + s + "</extra>",
-                text=_cell_text(stats[stats["strategy"] == s], layers, columns), texttemplate="%{text}", name=s,
+                z=z,
+                x=labels,
+                y=layers,
+                zmin=zmin,
+                zmax=zmax,
+                colorscale="Viridis",
+                showscale=i == len(strategies) - 1,
+                colorbar={"title": {"text": metric}},
+                customdata=hover,
+                hovertemplate="%{customdata}<extra>" + s + "</extra>",
+                text=_cell_text(stats[stats["strategy"] == s], layers, columns),
+                texttemplate="%{text}",
+                name=s,
             ),
-            row=1, col=i + 1,
+            row=1,
+            col=i + 1,
         )
     fig.update_xaxes(title_text=X_TITLES[kind], type="category")
     fig.update_yaxes(type="category")
@@ -216,16 +227,24 @@ def difference_heatmap(df: pd.DataFrame, metric: str = "normalized_effect", kind
     bound = max(finite) if finite and max(finite) > 0 else 1.0
     fig = go.Figure(
         go.Heatmap(
-            z=z, x=[column_label(kind, c) for c in columns], y=layers, zmin=-bound, zmax=bound, zmid=0.0, colorscale="RdBu_r",
-            colorbar={"title": {"text": f"Δ {metric}"}}, text=text, texttemplate="%{text}", customdata=hover,
+            z=z,
+            x=[column_label(kind, c) for c in columns],
+            y=layers,
+            zmin=-bound,
+            zmax=bound,
+            zmid=0.0,
+            colorscale="RdBu_r",
+            colorbar={"title": {"text": f"Δ {metric}"}},
+            text=text,
+            texttemplate="%{text}",
+            customdata=hover,
             hovertemplate="%{customdata}<extra>iterative − parallel</extra>",
         )
     )
     fig.update_xaxes(title_text=X_TITLES[kind], type="category")
     fig.update_yaxes(title_text="layer", type="category")
     fig.update_layout(
-        title=f"iterative − parallel {metric}, {kind} patch (paired); hook {hook_family(df[df['kind'] == kind])}; "
-        f"n = {diffs['pair_id'].nunique()} pairs; * = 95% CI excludes 0",
+        title=f"iterative − parallel {metric}, {kind} patch (paired); hook {hook_family(df[df['kind'] == kind])}; n = {diffs['pair_id'].nunique()} pairs; * = 95% CI excludes 0",
         height=160 + 45 * len(layers),
     )
     return fig
@@ -279,10 +298,19 @@ def similarity_heatmap(
         hover = [[f"layer {lay}, {pos}<br>mean {mean[lay, j]:.4g}<br>n = {n} pairs" for j, pos in enumerate(positions)] for lay in model_layers]
         fig.add_trace(
             go.Heatmap(
-                z=mean.tolist(), x=positions, y=model_layers, zmin=zmin, zmax=zmax, colorscale=scale, showscale=i == 0,
-                colorbar={"title": {"text": which}}, customdata=hover, hovertemplate="%{customdata}<extra></extra>",
+                z=mean.tolist(),
+                x=positions,
+                y=model_layers,
+                zmin=zmin,
+                zmax=zmax,
+                colorscale=scale,
+                showscale=i == 0,
+                colorbar={"title": {"text": which}},
+                customdata=hover,
+                hovertemplate="%{customdata}<extra></extra>",
             ),
-            row=i // ncols + 1, col=i % ncols + 1,
+            row=i // ncols + 1,
+            col=i % ncols + 1,
         )
     fig.update_xaxes(type="category", title_text="position")
     fig.update_yaxes(type="category", title_text="layer read out")
@@ -315,8 +343,16 @@ def layer_lines(df: pd.DataFrame, metric: str = "normalized_effect", kind: str =
         if not band.empty:
             fig.add_trace(
                 go.Scatter(
-                    x=band["layer"].tolist() + band["layer"].tolist()[::-1], y=band["ci_high"].tolist() + band["ci_low"].tolist()[::-1],
-                    mode="lines", fill="toself", fillcolor=colour, opacity=0.2, line={"width": 0}, hoverinfo="skip", name=f"{s} 95% CI", showlegend=False,
+                    x=band["layer"].tolist() + band["layer"].tolist()[::-1],
+                    y=band["ci_high"].tolist() + band["ci_low"].tolist()[::-1],
+                    mode="lines",
+                    fill="toself",
+                    fillcolor=colour,
+                    opacity=0.2,
+                    line={"width": 0},
+                    hoverinfo="skip",
+                    name=f"{s} 95% CI",
+                    showlegend=False,
                 )
             )
         hover = [_hover(column_label(kind, int(r.column)), int(r.layer), r.mean, r.ci_low, r.ci_high, int(r.n)) for r in st.itertuples()]
@@ -364,10 +400,22 @@ def slot_heatmap(df: pd.DataFrame, metric: str = "normalized_effect", kind: str 
         z, hover = _grid(at, slots, columns, kind)
         hover = [[h.replace("layer ", "changed slot ", 1) for h in row] for row in hover]
         fig.add_trace(
-            go.Heatmap(z=z, x=[column_label(kind, c) for c in columns], y=slots, zmin=zmin, zmax=zmax, colorscale="Viridis", showscale=i == len(strategies) - 1,
-                       colorbar={"title": {"text": metric}}, customdata=hover, hovertemplate="%{customdata}<extra>" + s + "</extra>",
-                       text=_cell_text(at, slots, columns), texttemplate="%{text}"),
-            row=1, col=i + 1,
+            go.Heatmap(
+                z=z,
+                x=[column_label(kind, c) for c in columns],
+                y=slots,
+                zmin=zmin,
+                zmax=zmax,
+                colorscale="Viridis",
+                showscale=i == len(strategies) - 1,
+                colorbar={"title": {"text": metric}},
+                customdata=hover,
+                hovertemplate="%{customdata}<extra>" + s + "</extra>",
+                text=_cell_text(at, slots, columns),
+                texttemplate="%{text}",
+            ),
+            row=1,
+            col=i + 1,
         )
     fig.update_xaxes(title_text=X_TITLES[kind], type="category")
     fig.update_yaxes(type="category")

@@ -90,8 +90,7 @@ def write_examples(model, pairs, run_dir: str | Path, n: int = 3, k: int = 3) ->
     examples = []
     for pair in list(pairs)[:n]:
         gen = model.generate(pair.clean_question)
-        examples.append({"question": pair.clean_question, "answer": gen.text, "intermediates": list(pair.clean_intermediates),
-                         "latents": model.decode_latents(gen, k=k)})
+        examples.append({"question": pair.clean_question, "answer": gen.text, "intermediates": list(pair.clean_intermediates), "latents": model.decode_latents(gen, k=k)})
     path = Path(run_dir) / "examples.json"
     path.write_text(json.dumps(examples, indent=1))
     return path
@@ -103,13 +102,16 @@ def examples_table(examples: list[dict[str, Any]]) -> str:
         return "<p>No examples.json: <code>interp run</code> and <code>interp patch</code> write it.</p>"
     out = []
     for ex in examples:
+
         def tops(pairs: list) -> str:
             return ", ".join(f"{html.escape(repr(tok))} {p:.2f}" for tok, p in pairs)
+
         rows = "".join(f"<tr><td>latent[{t}]</td><td>{tops(d['state'])}</td><td>{tops(d['embedding'])}</td></tr>" for t, d in enumerate(ex["latents"]))
         values = " ".join(f"{v:g}" for v in ex.get("intermediates", []))
-        out.append(f"<p><code>{html.escape(ex['question'])}</code> → {html.escape(ex['answer'])}"
-                   + (f" (intermediate values: {html.escape(values)})" if values else "") + "</p>"
-                   f'<table class="validity"><tr><th>latent</th><th>state (what prj reads)</th><th>fed embedding</th></tr>{rows}</table>')
+        out.append(
+            f"<p><code>{html.escape(ex['question'])}</code> → {html.escape(ex['answer'])}" + (f" (intermediate values: {html.escape(values)})" if values else "") + "</p>"
+            f'<table class="validity"><tr><th>latent</th><th>state (what prj reads)</th><th>fed embedding</th></tr>{rows}</table>'
+        )
     return "".join(out)
 
 
@@ -154,10 +156,7 @@ def validity_table(validity: list[dict[str, Any]], tolerance: float) -> str:
             cells.append("<td>missing</td>" if c is None else f'<td class="{"pass" if c["passed"] else "fail"}">{c["max_abs_diff"]:.2e}</td>')
         status = '<td class="pass">passed</td>' if v["passed"] else '<td class="fail">FAILED</td>'
         body.append(f"<tr><td>{html.escape(str(v['pair_id']))}</td>{status}{''.join(cells)}</tr>")
-    line = (
-        f"<p>{len(validity) - len(failed)} of {len(validity)} pairs passed every check "
-        f"(max |Δ logits| &lt; {tolerance:g}).</p>"
-    )
+    line = f"<p>{len(validity) - len(failed)} of {len(validity)} pairs passed every check (max |Δ logits| &lt; {tolerance:g}).</p>"
     table = f'<div class="scroll"><table class="validity"><tr><th>pair</th><th>status</th>{head}</tr>{"".join(body)}</table></div>'
     return line + table
 
@@ -172,9 +171,7 @@ def write_report(run_dir: str | Path) -> Path:
     tolerance = (summary or {}).get("validity", {}).get("tolerance", 1e-3)
     verdict = summary["verdict"] if summary else "No summary.json: the run has not finished (rerun the same command to resume it)."
     figs = report_figures(df, run)
-    divs = "".join(
-        f'<div class="figure" id="{name}">{fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{name}")}</div>' for name, fig in figs
-    )
+    divs = "".join(f'<div class="figure" id="{name}">{fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{name}")}</div>' for name, fig in figs)
     counts = f"{df['pair_id'].nunique()} pairs, {len(df)} patch tests, hook {html.escape(str(run.get('config', {}).get('hook', '?')))}"
     examples = examples_table(json.loads((run_dir / "examples.json").read_text()) if (run_dir / "examples.json").exists() else [])
     analysis = _read_json(run_dir / "analysis.json")
@@ -252,8 +249,14 @@ def write_comparison(run_dirs: list[Path], out: str | Path, labels: list[str] | 
     fig = go.Figure()
     for label in labels:
         t = table[table["checkpoint"] == label]
-        fig.add_trace(go.Bar(name=label, x=[f"{s} / {k}" for s, k in zip(t["strategy"], t["kind"])], y=t["mean"],
-                             error_y={"type": "data", "symmetric": False, "array": t["ci_high"] - t["mean"], "arrayminus": t["mean"] - t["ci_low"]}))
+        fig.add_trace(
+            go.Bar(
+                name=label,
+                x=[f"{s} / {k}" for s, k in zip(t["strategy"], t["kind"])],
+                y=t["mean"],
+                error_y={"type": "data", "symmetric": False, "array": t["ci_high"] - t["mean"], "arrayminus": t["mean"] - t["ci_low"]},
+            )
+        )
     fig.update_layout(barmode="group", title="mean normalized effect per strategy and latent-set kind (95% CI over pairs)", yaxis_title="normalized effect")
     items = "".join(f"<li><b>{html.escape(label)}</b>: {html.escape(v)}</li>" for label, v in verdicts.items())
     page = f"""<!DOCTYPE html>

@@ -89,17 +89,28 @@ def summarize(rows: list[dict[str, Any]], validity: list[dict[str, Any]], config
             signature = diffs.groupby(["kind", "layer", "latents"])["diff"].apply(lambda s: tuple(np.round(s.to_numpy(dtype=float), 6)))
             for _, d in st.iterrows():
                 key = (d["kind"], d["layer"], d["latents"])
-                differences.append({
-                    "kind": d["kind"], "layer": int(d["layer"]), "latents": list(d["latents"]), "mean": d["mean"], "ci_low": d["ci_low"], "ci_high": d["ci_high"],
-                    "n": int(d["n"]), "ci_excludes_zero": bool(d["n"] >= 2 and (d["ci_low"] > 0 or d["ci_high"] < 0)),
-                    "few_pairs": bool(d["n"] < MIN_PAIRS), "signature": signature[key],
-                })
-    summary.update({
-        "cells": cells,
-        "iterative_minus_parallel": [{k: v for k, v in d.items() if k != "signature"} for d in differences],
-        "validity": {"n_pairs": len(validity), "n_failed": len(failed), "failed": failed, "tolerance": VALIDITY_TOL},
-        "verdict": verdict(differences, failed),
-    })
+                differences.append(
+                    {
+                        "kind": d["kind"],
+                        "layer": int(d["layer"]),
+                        "latents": list(d["latents"]),
+                        "mean": d["mean"],
+                        "ci_low": d["ci_low"],
+                        "ci_high": d["ci_high"],
+                        "n": int(d["n"]),
+                        "ci_excludes_zero": bool(d["n"] >= 2 and (d["ci_low"] > 0 or d["ci_high"] < 0)),
+                        "few_pairs": bool(d["n"] < MIN_PAIRS),
+                        "signature": signature[key],
+                    }
+                )
+    summary.update(
+        {
+            "cells": cells,
+            "iterative_minus_parallel": [{k: v for k, v in d.items() if k != "signature"} for d in differences],
+            "validity": {"n_pairs": len(validity), "n_failed": len(failed), "failed": failed, "tolerance": VALIDITY_TOL},
+            "verdict": verdict(differences, failed),
+        }
+    )
     return summary
 
 

@@ -109,6 +109,7 @@ def check_sweep(model: CodiModel, pairs: Sequence[Pair], config: SweepConfig) ->
     unique ids, finite and different answers, prompts that align token by token under the model's
     tokenizer, answers told apart by a token, every sequence within the model's context).
     """
+
     def listed(name: str, values: Sequence[Any], accepted: Sequence[Any]) -> None:
         shown = ",".join(map(str, values))
         if not values:
@@ -173,8 +174,10 @@ def check_pairs(model: CodiModel, pairs: Sequence[Pair]) -> None:
                 layout = model.layout(q, n_answer=common)  # the trace's teacher-forced sequence; decoding feeds decode - 1 tokens after decode_start
                 need = max(layout.seq_len, layout.decode_start + decode)
                 if need > model.cfg.n_ctx:
-                    problem = (f"needs {need} positions ({q} question tokens, {model.num_latents} latents, answer and decoding), "
-                               f"more than the model's context of {model.cfg.n_ctx}; accepted: shorter questions")
+                    problem = (
+                        f"needs {need} positions ({q} question tokens, {model.num_latents} latents, answer and decoding), "
+                        f"more than the model's context of {model.cfg.n_ctx}; accepted: shorter questions"
+                    )
         if problem:
             problems.append(f"pair {pair.id!r}: {problem}")
     if problems:
@@ -182,9 +185,7 @@ def check_pairs(model: CodiModel, pairs: Sequence[Pair]) -> None:
 
 
 def run_fingerprint(model: CodiModel, pairs: Sequence[Pair], config: SweepConfig) -> dict[str, Any]:
-    """What a run's rows depend on (compared field by field on resume): model, pairs, config, versions.
-
-    """
+    """What a run's rows depend on (compared field by field on resume): model, pairs, config, versions."""
     return {
         "model": model_fingerprint(model),
         "pairs": {"n": len(pairs), "sha256": pairs_sha256(pairs)},
@@ -291,8 +292,16 @@ def pairs_per_call(model: CodiModel, units_per_pair: int) -> int:
 
 
 def _sweep(
-    model: CodiModel, pairs: Sequence[Pair], config: SweepConfig, run: Run, progress: bool, logger: Any, metrics: Sequence[Metric], batch_size: int | None,
-    executor: Any, model_spec: Any,
+    model: CodiModel,
+    pairs: Sequence[Pair],
+    config: SweepConfig,
+    run: Run,
+    progress: bool,
+    logger: Any,
+    metrics: Sequence[Metric],
+    batch_size: int | None,
+    executor: Any,
+    model_spec: Any,
 ) -> dict[str, Any]:
     """The units not yet on disk, run by `executor`, appended to `run` pair by pair by this process alone; then the summary."""
     done, checked = run.results.keys, run.validity.keys

@@ -142,5 +142,3 @@ def bench_pairs(model: CodiModel, n: int, seed: int = 0) -> list:
     if len(pairs) < n:
         raise SystemExit(f"error: only {len(pairs)} aligned pairs for this tokenizer (asked {n})")
     return pairs
-
-

@@ -85,9 +85,7 @@ def make_reference_codi(
     with torch.no_grad():  # the new rows are random, as CODI's trained bot/eot rows are
         base.get_input_embeddings().weight[v:] = torch.randn(3, base.config.hidden_size) * new_rows_std
     gpt2 = base.config.model_type == "gpt2"
-    lora_config = LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=GPT2_LORA_TARGETS if gpt2 else LORA_TARGETS, fan_in_fan_out=gpt2
-    )
+    lora_config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=GPT2_LORA_TARGETS if gpt2 else LORA_TARGETS, fan_in_fan_out=gpt2)
     lora = get_peft_model(base, lora_config)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():

@@ -50,9 +50,7 @@ class ReferenceCodi(nn.Module):
         return out.hidden_states[-1][:, -1]
 
     @torch.no_grad()
-    def generate(
-        self, question_ids: list[int], *, bot: int, eot: int, eos: int, num_latents: int, max_new_tokens: int, remove_eos: bool = True
-    ):
+    def generate(self, question_ids: list[int], *, bot: int, eot: int, eos: int, num_latents: int, max_new_tokens: int, remove_eos: bool = True):
         """The official loop. Returns (latents [K, d], answer ids up to and including eos)."""
         embeds = self.embed(question_ids + ([] if remove_eos else [eos]) + [bot])
         latents = []
@@ -75,10 +73,7 @@ class ReferenceCodi(nn.Module):
     def layer_outputs(self, embeds: torch.Tensor) -> list[torch.Tensor]:
         """Each decoder layer's output [pos, d] for a full pass over embeds [1, pos, d]."""
         outputs: list[torch.Tensor] = []
-        handles = [
-            layer.register_forward_hook(lambda mod, args, out: outputs.append((out[0] if isinstance(out, tuple) else out)[0]))
-            for layer in self.blocks
-        ]
+        handles = [layer.register_forward_hook(lambda mod, args, out: outputs.append((out[0] if isinstance(out, tuple) else out)[0])) for layer in self.blocks]
         try:
             self.codi(inputs_embeds=embeds)
         finally:
@@ -86,15 +81,11 @@ class ReferenceCodi(nn.Module):
                 h.remove()
         return outputs
 
-    def sequence_embeds(
-        self, question_ids: list[int], latents: torch.Tensor, tail_ids: list[int], *, bot: int, eot: int, eos: int | None = None, remove_eos: bool = True
-    ):
+    def sequence_embeds(self, question_ids: list[int], latents: torch.Tensor, tail_ids: list[int], *, bot: int, eot: int, eos: int | None = None, remove_eos: bool = True):
         """Embeddings of [question, bot, latents, eot, tail] ([question, eos, bot, ..., eot, eos, tail]
         when remove_eos is False)."""
         extra = [] if remove_eos else [eos]
-        return torch.cat(
-            [self.embed(question_ids + extra + [bot]), latents[None], self.embed([eot] + extra + tail_ids)], dim=1
-        )
+        return torch.cat([self.embed(question_ids + extra + [bot]), latents[None], self.embed([eot] + extra + tail_ids)], dim=1)
 
 
 def last_number(text: str) -> float | None:

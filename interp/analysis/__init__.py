@@ -1,7 +1,7 @@
 """What each latent holds and how the latents talk: logit lens, linear probes, attention flow and knockout.
 
-    from interp.analysis import analyze, problems_from_pairs
-    analyze(model, problems_from_pairs(pairs), "results/analysis")   # -> analysis.json, report.html
+from interp.analysis import analyze, problems_from_pairs
+analyze(model, problems_from_pairs(pairs), "results/analysis")   # -> analysis.json, report.html
 """
 
 from interp.analysis.activations import Activations, Problem, collect, problems_from_pairs

@@ -139,9 +139,7 @@ def collect(model: CodiModel, problems: Sequence[Problem], batch_size: int = 64)
     return Activations(list(problems), generations, layers, positions, torch.cat(resid), queries, keys, torch.cat(attention))
 
 
-def _collect_batch(
-    model: CodiModel, batch: Sequence[Problem], layers: list[int], positions: list[str], queries: list[str], keys: list[str]
-) -> tuple[list[Generation], Tensor, Tensor]:
+def _collect_batch(model: CodiModel, batch: Sequence[Problem], layers: list[int], positions: list[str], queries: list[str], keys: list[str]) -> tuple[list[Generation], Tensor, Tensor]:
     """One batch: (generations, resid [b, layers, positions, d_model], attention [b, n_layers, heads, queries, keys])."""
     gens = model.generate_batch([p.question for p in batch])
     seqs = [model.sequence(g.question_ids, g.latents) for g in gens]

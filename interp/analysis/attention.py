@@ -90,9 +90,7 @@ def prompt_width(model: CodiModel, questions: Sequence[str]) -> int:
 
 
 @torch.no_grad()
-def knockout_generate(
-    model: CodiModel, questions: Sequence[str], edges: Sequence[tuple[str, str]], layers: Sequence[int] | None = None, batch_size: int = 64
-) -> list[Generation]:
+def knockout_generate(model: CodiModel, questions: Sequence[str], edges: Sequence[tuple[str, str]], layers: Sequence[int] | None = None, batch_size: int = 64) -> list[Generation]:
     """Generations with the (query group, key group) `edges` cut at `layers` (default: every layer)."""
     layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
     out = []
@@ -138,11 +136,17 @@ def knockout_rows(
     for name, cut in edges.items():
         for label, layers in layer_sets:
             gens = knockout_generate(model, questions, cut, layers, batch_size)
-            rows.append({
-                "edge": name, "cut": [list(e) for e in cut], "layer": label,
-                "accuracy": _accuracy(gens, problems), "baseline_accuracy": base_acc,
-                "changed": sum(g.answer != b.answer for g, b in zip(gens, baseline)) / len(gens), "n": len(gens),
-            })
+            rows.append(
+                {
+                    "edge": name,
+                    "cut": [list(e) for e in cut],
+                    "layer": label,
+                    "accuracy": _accuracy(gens, problems),
+                    "baseline_accuracy": base_acc,
+                    "changed": sum(g.answer != b.answer for g, b in zip(gens, baseline)) / len(gens),
+                    "n": len(gens),
+                }
+            )
     return rows
 
 

@@ -36,8 +36,16 @@ def _by(rows: Sequence[dict[str, Any]], field: str) -> dict[Any, list[dict[str, 
 
 
 def _panels(
-    groups: dict[Any, list[dict[str, Any]]], y: str, x: str, z: str, hover: Sequence[str],
-    title: str, zrange: tuple[float, float], titles: Sequence[str], ytitle: str, ylabel=str,
+    groups: dict[Any, list[dict[str, Any]]],
+    y: str,
+    x: str,
+    z: str,
+    hover: Sequence[str],
+    title: str,
+    zrange: tuple[float, float],
+    titles: Sequence[str],
+    ytitle: str,
+    ylabel=str,
 ) -> go.Figure:
     """One heatmap panel per group (rows keyed by `y` and `x`, colour `z`), on one colour scale."""
     ncols = min(4, len(groups))
@@ -47,9 +55,21 @@ def _panels(
     for i, rows in enumerate(groups.values()):
         ys, xs, zs, text = _grid(rows, y, x, z, hover)
         fig.add_trace(
-            go.Heatmap(z=zs, x=[str(v) for v in xs], y=[ylabel(v) for v in ys], zmin=zrange[0], zmax=zrange[1], colorscale="Viridis", showscale=i == 0,
-                       colorbar={"title": {"text": z}}, customdata=text, hovertemplate="%{customdata}<extra></extra>", texttemplate="%{z:.2f}"),
-            row=i // ncols + 1, col=i % ncols + 1,
+            go.Heatmap(
+                z=zs,
+                x=[str(v) for v in xs],
+                y=[ylabel(v) for v in ys],
+                zmin=zrange[0],
+                zmax=zrange[1],
+                colorscale="Viridis",
+                showscale=i == 0,
+                colorbar={"title": {"text": z}},
+                customdata=text,
+                hovertemplate="%{customdata}<extra></extra>",
+                texttemplate="%{z:.2f}",
+            ),
+            row=i // ncols + 1,
+            col=i % ncols + 1,
         )
         height = max(height, len(ys))
     fig.update_xaxes(type="category")
@@ -62,16 +82,35 @@ def _panels(
 def lens_heatmap(rows: Sequence[dict[str, Any]], n: int) -> go.Figure:
     """One panel per target: layer (read out) x position, colour = top-1 rate of the target's token."""
     groups = _by(rows, "target")
-    return _panels(groups, "layer", "position", "top1_rate", ("top1_rate", "mean_rank", "mean_prob", "n"),
-                   f"logit lens: how often the target value's token is the top token (n = {n} problems)", (0.0, 1.0),
-                   [f"target {t}" for t in groups], "layer read out", _layer_label)
+    return _panels(
+        groups,
+        "layer",
+        "position",
+        "top1_rate",
+        ("top1_rate", "mean_rank", "mean_prob", "n"),
+        f"logit lens: how often the target value's token is the top token (n = {n} problems)",
+        (0.0, 1.0),
+        [f"target {t}" for t in groups],
+        "layer read out",
+        _layer_label,
+    )
 
 
 def probe_heatmap(rows: Sequence[dict[str, Any]], n: int) -> go.Figure:
     """One panel per target: layer x position, colour = held-out probe accuracy (hover: control, selectivity, majority)."""
     groups = _by(rows, "target")
-    return _panels(groups, "layer", "position", "accuracy", ("accuracy", "control_accuracy", "selectivity", "majority", "n_test"),
-                   f"linear probes: held-out accuracy (n = {n} problems)", (0.0, 1.0), [f"target {t}" for t in groups], "layer read out", _layer_label)
+    return _panels(
+        groups,
+        "layer",
+        "position",
+        "accuracy",
+        ("accuracy", "control_accuracy", "selectivity", "majority", "n_test"),
+        f"linear probes: held-out accuracy (n = {n} problems)",
+        (0.0, 1.0),
+        [f"target {t}" for t in groups],
+        "layer read out",
+        _layer_label,
+    )
 
 
 def attention_heatmap(rows: Sequence[dict[str, Any]], n: int) -> go.Figure:
@@ -81,16 +120,24 @@ def attention_heatmap(rows: Sequence[dict[str, Any]], n: int) -> go.Figure:
         heads.setdefault((r["layer"], r["query"], r["key"]), []).append(r["weight"])
     mean = [{"layer": layer, "query": q, "key": k, "weight": sum(w) / len(w), "heads": len(w)} for (layer, q, k), w in heads.items()]
     groups = _by(mean, "layer")
-    return _panels(groups, "query", "key", "weight", ("weight", "heads"), f"attention weight, mean over heads (n = {n} problems)",
-                   (0.0, 1.0), [f"layer {layer}" for layer in groups], "query")
+    return _panels(groups, "query", "key", "weight", ("weight", "heads"), f"attention weight, mean over heads (n = {n} problems)", (0.0, 1.0), [f"layer {layer}" for layer in groups], "query")
 
 
 def knockout_heatmap(rows: Sequence[dict[str, Any]]) -> go.Figure:
     """Edge set x layer (`all` = every layer at once), colour = accuracy with those edges cut."""
     n = rows[0]["n"] if rows else 0
     base = rows[0]["baseline_accuracy"] if rows else math.nan
-    fig = _panels({"all": list(rows)}, "edge", "layer", "accuracy", ("accuracy", "baseline_accuracy", "changed", "n"),
-                  f"attention knockout: accuracy with the edges cut (unablated {base:.2f}, n = {n} problems)", (0.0, 1.0), ["edges cut"], "edges cut")
+    fig = _panels(
+        {"all": list(rows)},
+        "edge",
+        "layer",
+        "accuracy",
+        ("accuracy", "baseline_accuracy", "changed", "n"),
+        f"attention knockout: accuracy with the edges cut (unablated {base:.2f}, n = {n} problems)",
+        (0.0, 1.0),
+        ["edges cut"],
+        "edges cut",
+    )
     fig.update_yaxes(autorange="reversed")
     fig.update_xaxes(title_text="layer cut (all = every layer at once)")
     return fig

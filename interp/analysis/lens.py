@@ -55,13 +55,17 @@ def lens_rows(logits: Tensor, layers: Sequence[int], positions: Sequence[str], t
                     continue
                 own = at[have].gather(1, ids[have, None])  # [m, 1]
                 rank = (at[have] > own).sum(-1) + 1
-                rows.append({
-                    "layer": layer, "position": position, "target": target,
-                    "top1_rate": float((rank == 1).float().mean()),
-                    "mean_rank": float(rank.float().mean()),
-                    "mean_prob": float(probs[have, li, pi].gather(1, ids[have, None]).mean()),
-                    "n": int(have.sum()),
-                })
+                rows.append(
+                    {
+                        "layer": layer,
+                        "position": position,
+                        "target": target,
+                        "top1_rate": float((rank == 1).float().mean()),
+                        "mean_rank": float(rank.float().mean()),
+                        "mean_prob": float(probs[have, li, pi].gather(1, ids[have, None]).mean()),
+                        "n": int(have.sum()),
+                    }
+                )
     return rows
 
 

@@ -42,14 +42,13 @@ DEFINITIONS = {
     "layer": "the residual stream read out: <code>embed</code> = the input embedding (<code>blocks.0.hook_resid_pre</code>; "
     "at a latent, the fed latent), L = the output of block L (<code>blocks.L.hook_resid_post</code>).",
     "position": "<code>bot</code>, <code>latent[t]</code> (0-based), <code>eot</code>, "
-    "<code>answer</code> = the last token of the answer prefix (\"The answer is:\"), whose next token is the answer's first.",
+    '<code>answer</code> = the last token of the answer prefix ("The answer is:"), whose next token is the answer\'s first.',
     "target": "<code>step[k]</code> = the value after step k of the problem's solution (k from 1; the last step is the answer), "
     "<code>answer</code> = the answer; scored by the first token of the value as written.",
     "top1_rate": "fraction of problems where the target's token is the top token of unembed(ln_final(residual)) over ids &lt; eot.",
     "mean_rank": "mean rank of the target's token in that distribution (1 = top); mean_prob: its mean probability.",
     "accuracy": "held-out accuracy of a logistic-regression probe (standardized residual, one class per value, 70/30 split, seed 0).",
-    "control_accuracy": "the same probe on labels shuffled across problems (Hewitt &amp; Liang's control task); "
-    "selectivity = accuracy - control_accuracy.",
+    "control_accuracy": "the same probe on labels shuffled across problems (Hewitt &amp; Liang's control task); selectivity = accuracy - control_accuracy.",
     "majority": "held-out accuracy of always answering the most frequent training label.",
     "weight": "attention weight from the query position to the key group (question = summed over the question tokens, "
     "prefix = over the answer prefix), mean over problems (and over heads in the figure).",
@@ -84,8 +83,14 @@ def analyze(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "analysis.json"
-    meta = {"problems": len(problems), "problems_sha256": problems_fingerprint(problems), "quick": quick,
-            "n_layers": model.cfg.n_layers, "num_latents": model.num_latents, "provenance": provenance or {}}
+    meta = {
+        "problems": len(problems),
+        "problems_sha256": problems_fingerprint(problems),
+        "quick": quick,
+        "n_layers": model.cfg.n_layers,
+        "num_latents": model.num_latents,
+        "provenance": provenance or {},
+    }
     data = _read(path) or {"meta": meta}
     if any(data["meta"].get(k) != meta[k] for k in IDENTITY):
         raise ValueError(f"{path} holds an analysis of other problems or options; choose another --out or delete it")

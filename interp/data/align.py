@@ -76,10 +76,7 @@ def _align_one(pair: Pair, tokenizer: Any) -> AlignedPair | str:
         return "same_tokens"
     start = pair.change.span[0]
     new_span = (start, start + len(pair.change.new))
-    inside = all(
-        _overlaps(clean["offset_mapping"][i], pair.change.span) and _overlaps(corrupted["offset_mapping"][i], new_span)
-        for i in diffs
-    )
+    inside = all(_overlaps(clean["offset_mapping"][i], pair.change.span) and _overlaps(corrupted["offset_mapping"][i], new_span) for i in diffs)
     if not inside:
         return "diff_outside_span"
     c_ans, k_ans = answer_ids(tokenizer, pair.clean_answer), answer_ids(tokenizer, pair.corrupted_answer)
@@ -106,9 +103,7 @@ def align(pairs: Sequence[Pair], tokenizer: Any, counts: Counter | None = None) 
             "or PreTrainedTokenizerFast(tokenizer_file=...)"
         )
     counts = Counter() if counts is None else counts
-    counts.update(dict.fromkeys(
-        ["in", "drop.length_changed", "drop.same_tokens", "drop.diff_outside_span",
-         "drop.answer_prefix_merged", "drop.answer_tokens_not_different", "kept"], 0))
+    counts.update(dict.fromkeys(["in", "drop.length_changed", "drop.same_tokens", "drop.diff_outside_span", "drop.answer_prefix_merged", "drop.answer_tokens_not_different", "kept"], 0))
     kept = []
     for pair in pairs:
         counts["in"] += 1
@@ -140,8 +135,7 @@ def _correct(generation: Generation, expected: float) -> bool:
     return generation.answer is not None and math.isclose(generation.answer, expected, rel_tol=1e-9, abs_tol=1e-6)
 
 
-def _answers_correct(model: Generator, questions: list[str], expected: list[float], batch_size: int,
-                     max_new_tokens: int) -> list[bool]:
+def _answers_correct(model: Generator, questions: list[str], expected: list[float], batch_size: int, max_new_tokens: int) -> list[bool]:
     out: list[bool] = []
     for i in range(0, len(questions), batch_size):
         batch = questions[i : i + batch_size]
@@ -172,13 +166,11 @@ def filter_by_model(
     counts.update(dict.fromkeys(["in", "drop.clean_wrong", "drop.corrupted_wrong", "kept"], 0))
     counts["in"] += len(pairs)
     plain = [p.pair if isinstance(p, AlignedPair) else p for p in pairs]
-    ok = _answers_correct(model, [p.clean_question for p in plain], [p.clean_answer for p in plain],
-                          batch_size, max_new_tokens)
+    ok = _answers_correct(model, [p.clean_question for p in plain], [p.clean_answer for p in plain], batch_size, max_new_tokens)
     survivors = [i for i, good in enumerate(ok) if good]
     counts["drop.clean_wrong"] += len(pairs) - len(survivors)
     if both:
-        ok = _answers_correct(model, [plain[i].corrupted_question for i in survivors],
-                              [plain[i].corrupted_answer for i in survivors], batch_size, max_new_tokens)
+        ok = _answers_correct(model, [plain[i].corrupted_question for i in survivors], [plain[i].corrupted_answer for i in survivors], batch_size, max_new_tokens)
         counts["drop.corrupted_wrong"] += ok.count(False)
         survivors = [i for i, good in zip(survivors, ok) if good]
     counts["kept"] += len(survivors)

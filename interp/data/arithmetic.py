@@ -90,7 +90,7 @@ def sample_problems(n: int, steps: int | tuple[int, int] = 6, seed: int = 0) -> 
 def _number_spans(problem: ArithmeticProblem) -> list[tuple[int, int]]:
     """Character span of every number in `problem.question`: x0 first, then each operand."""
     spans, pos = [(0, len(str(problem.x0)))], len(str(problem.x0))
-    for op, c in problem.ops:
+    for _op, c in problem.ops:
         pos += 2  # the space and the operator
         spans.append((pos, pos + len(str(c))))
         pos += len(str(c))

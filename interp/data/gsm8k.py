@@ -65,25 +65,50 @@ FREE_CONSTANTS = (0.0, 1.0, 2.0, 10.0, 100.0)
 
 # Number words of the question: each stands for these values (a "third" may be 3 or 1/3).
 _NUMBER_WORDS: dict[str, tuple[float, ...]] = {
-    **{w: (float(i),) for i, w in enumerate(
-        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-        "fifteen sixteen seventeen eighteen nineteen twenty".split())},
-    **{w: (float(10 * i),) for i, w in enumerate(
-        "thirty forty fifty sixty seventy eighty ninety".split(), start=3)},
-    "hundred": (100.0,), "thousand": (1000.0,), "million": (1e6,),
-    "half": (2.0, 0.5), "halves": (2.0, 0.5), "twice": (2.0,), "double": (2.0,), "pair": (2.0,),
-    "triple": (3.0,), "thrice": (3.0,), "third": (3.0, 1 / 3), "quadruple": (4.0,),
-    "quarter": (4.0, 0.25), "fourth": (4.0, 0.25), "fifth": (5.0, 0.2), "tenth": (10.0, 0.1),
+    **{w: (float(i),) for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty".split())},
+    **{w: (float(10 * i),) for i, w in enumerate("thirty forty fifty sixty seventy eighty ninety".split(), start=3)},
+    "hundred": (100.0,),
+    "thousand": (1000.0,),
+    "million": (1e6,),
+    "half": (2.0, 0.5),
+    "halves": (2.0, 0.5),
+    "twice": (2.0,),
+    "double": (2.0,),
+    "pair": (2.0,),
+    "triple": (3.0,),
+    "thrice": (3.0,),
+    "third": (3.0, 1 / 3),
+    "quadruple": (4.0,),
+    "quarter": (4.0, 0.25),
+    "fourth": (4.0, 0.25),
+    "fifth": (5.0, 0.2),
+    "tenth": (10.0, 0.1),
     "dozen": (12.0,),
 }
 # Unit constants a solution may use silently, keyed by a word prefix found in question or solution.
 _UNIT_WORDS: dict[str, tuple[float, ...]] = {
-    "week": (7.0, 52.0), "day": (24.0, 7.0), "daily": (7.0,), "hour": (60.0, 24.0),
-    "minute": (60.0,), "second": (60.0,), "month": (12.0, 30.0, 4.0), "year": (12.0, 52.0, 365.0),
-    "annual": (12.0, 52.0, 365.0), "percent": (100.0, 0.01), "cent": (100.0,), "dollar": (100.0,),
-    "feet": (12.0, 3.0), "foot": (12.0, 3.0), "yard": (3.0, 36.0), "inch": (12.0,),
-    "pound": (16.0,), "gallon": (4.0, 128.0), "quart": (4.0,), "mile": (5280.0,),
-    "decade": (10.0,), "centur": (100.0,),
+    "week": (7.0, 52.0),
+    "day": (24.0, 7.0),
+    "daily": (7.0,),
+    "hour": (60.0, 24.0),
+    "minute": (60.0,),
+    "second": (60.0,),
+    "month": (12.0, 30.0, 4.0),
+    "year": (12.0, 52.0, 365.0),
+    "annual": (12.0, 52.0, 365.0),
+    "percent": (100.0, 0.01),
+    "cent": (100.0,),
+    "dollar": (100.0,),
+    "feet": (12.0, 3.0),
+    "foot": (12.0, 3.0),
+    "yard": (3.0, 36.0),
+    "inch": (12.0,),
+    "pound": (16.0,),
+    "gallon": (4.0, 128.0),
+    "quart": (4.0,),
+    "mile": (5280.0,),
+    "decade": (10.0,),
+    "centur": (100.0,),
 }
 
 _NUMBER = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?(?!\d)|\d+(?:\.\d+)?|\.\d+")
@@ -93,8 +118,12 @@ _TEXT_RESULT = re.compile(rf"=\s*\$?\s*({_NUMBER.pattern})")  # "= $7200" in the
 _ARITHMETIC_CHARS = re.compile(r"[\d.\s()+\-*/%]*")
 
 _BINARY: dict[type, Callable[[float, float], float]] = {
-    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
-    ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
     ast.Pow: operator.pow,
 }
 _UNARY: dict[type, Callable[[float], float]] = {ast.USub: operator.neg, ast.UAdd: operator.pos}
@@ -255,8 +284,7 @@ class Problem:
     def _fixed_values(self) -> list[float]:
         """Values that never change: fractions a/b of the question, number words, unit constants."""
         q, text = self.question, self.question + "\n" + self.answer_text
-        fixed = [a.value / b.value for a, b in zip(self.numbers, self.numbers[1:])
-                 if q[a.span[1] : b.span[0]] == "/" and b.value]
+        fixed = [a.value / b.value for a, b in zip(self.numbers, self.numbers[1:]) if q[a.span[1] : b.span[0]] == "/" and b.value]
         fixed += [v for w, vs in _NUMBER_WORDS.items() if re.search(rf"\b{w}s?\b", q, re.I) for v in vs]
         fixed += [v for w, vs in _UNIT_WORDS.items() if re.search(rf"\b{w}", text, re.I) for v in vs]
         if "%" in text:
@@ -313,7 +341,7 @@ class Problem:
             new_subst: dict[tuple[int, int], float] = {}
 
             def literal(node: ast.Constant) -> float:
-                new_subst[(node.col_offset, node.end_col_offset)] = value = resolve(node)
+                new_subst[(node.col_offset, node.end_col_offset)] = value = resolve(node)  # noqa: B023 - called within this iteration
                 return value
 
             try:
@@ -322,8 +350,7 @@ class Problem:
                 raise Skipped("not_nice", f"<<{step.expr}>> fails: {e}") from None
             result = _check_nice(step.result, result, step.expr)
             new_results.append(result)
-            chain.append({"expr": step.expr, "result": step.result,
-                          "corrupted_expr": _substitute(step.expr, new_subst), "corrupted_result": result})
+            chain.append({"expr": step.expr, "result": step.result, "corrupted_expr": _substitute(step.expr, new_subst), "corrupted_result": result})
         if not used:
             raise Skipped("number_not_in_chain", f"{number.text} is not a literal of any annotation")
         clean_answer, corrupted_answer = self.steps[-1].result, new_results[-1]
@@ -432,10 +459,25 @@ def corrupt_problem(question: str, answer_text: str, number_index: int, new_valu
 
 
 _FUNNEL = (
-    "read", "drop.no_annotations", "drop.bad_annotation", "drop.inconsistent_chain", "drop.final_mismatch",
-    "drop.selection_step", "drop.untraced_literal", "drop.unannotated_step", "chain_consistent",
-    "drop.no_changeable_number", "drop.number_not_in_chain", "drop.ambiguous", "number_traced",
-    "drop.answer_unchanged", "drop.not_nice", "corrupted", "sampled", "numbers.seen", "numbers.skipped",
+    "read",
+    "drop.no_annotations",
+    "drop.bad_annotation",
+    "drop.inconsistent_chain",
+    "drop.final_mismatch",
+    "drop.selection_step",
+    "drop.untraced_literal",
+    "drop.unannotated_step",
+    "chain_consistent",
+    "drop.no_changeable_number",
+    "drop.number_not_in_chain",
+    "drop.ambiguous",
+    "number_traced",
+    "drop.answer_unchanged",
+    "drop.not_nice",
+    "corrupted",
+    "sampled",
+    "numbers.seen",
+    "numbers.skipped",
 )
 # How far a failed change got; a problem is counted under its furthest attempt.
 _CHANGE_STAGES = ("no_changeable_number", "number_not_in_chain", "ambiguous", "answer_unchanged", "not_nice")
@@ -472,8 +514,7 @@ def _read_hub(split: str) -> list[dict[str, str]]:
         return [{"question": r["question"], "answer": r["answer"]} for r in ds]
     except Exception as e:  # import errors, no network, no such split: all mean "use a local copy"
         raise RuntimeError(
-            f"could not load {name} ({config}, split {split!r}) from the Hugging Face hub: "
-            f"{type(e).__name__}: {e}. Pass path= to a local copy (a directory holding {split}.jsonl)."
+            f"could not load {name} ({config}, split {split!r}) from the Hugging Face hub: {type(e).__name__}: {e}. Pass path= to a local copy (a directory holding {split}.jsonl)."
         ) from e
 
 
@@ -509,9 +550,7 @@ def _pair_for_row(index: int, row: dict[str, str], split: str, seed: int, counts
                 clean_answer=c.clean_answer,
                 corrupted_answer=c.corrupted_answer,
                 change=c.change,
-                source={"dataset": "gsm8k", "split": split, "index": index, "question": row["question"],
-                        "answer": row["answer"], "number_index": c.number_index,
-                        "chain": [dict(s) for s in c.chain]},
+                source={"dataset": "gsm8k", "split": split, "index": index, "question": row["question"], "answer": row["answer"], "number_index": c.number_index, "chain": [dict(s) for s in c.chain]},
                 clean_intermediates=tuple(float(s["result"]) for s in c.chain),
                 corrupted_intermediates=tuple(float(s["corrupted_result"]) for s in c.chain),
                 changed_slot=c.number_index,

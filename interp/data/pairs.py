@@ -58,7 +58,7 @@ class Pair:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Pair":
+    def from_dict(cls, d: dict[str, Any]) -> Pair:
         change = d["change"]
         return cls(
             id=str(d["id"]),
@@ -77,18 +77,24 @@ def _intermediates(d: dict[str, Any]) -> dict[str, Any]:
     them in `source` (arithmetic: `clean_values`, `changed_slot`; GSM8K: `chain`, `number_index`)."""
     if "clean_intermediates" in d:
         slot = d.get("changed_slot")
-        return {"clean_intermediates": tuple(float(v) for v in d["clean_intermediates"]),
-                "corrupted_intermediates": tuple(float(v) for v in d.get("corrupted_intermediates", ())),
-                "changed_slot": None if slot is None else int(slot)}
+        return {
+            "clean_intermediates": tuple(float(v) for v in d["clean_intermediates"]),
+            "corrupted_intermediates": tuple(float(v) for v in d.get("corrupted_intermediates", ())),
+            "changed_slot": None if slot is None else int(slot),
+        }
     source = d.get("source", {})
     if "clean_values" in source:
-        return {"clean_intermediates": tuple(float(v) for v in source["clean_values"]),
-                "corrupted_intermediates": tuple(float(v) for v in source["corrupted_values"]),
-                "changed_slot": source.get("changed_slot")}
+        return {
+            "clean_intermediates": tuple(float(v) for v in source["clean_values"]),
+            "corrupted_intermediates": tuple(float(v) for v in source["corrupted_values"]),
+            "changed_slot": source.get("changed_slot"),
+        }
     if "chain" in source:
-        return {"clean_intermediates": tuple(float(s["result"]) for s in source["chain"]),
-                "corrupted_intermediates": tuple(float(s["corrupted_result"]) for s in source["chain"]),
-                "changed_slot": source.get("number_index")}
+        return {
+            "clean_intermediates": tuple(float(s["result"]) for s in source["chain"]),
+            "corrupted_intermediates": tuple(float(s["corrupted_result"]) for s in source["chain"]),
+            "changed_slot": source.get("number_index"),
+        }
     return {}
 
 
@@ -106,8 +112,7 @@ def save_pairs(path: str | Path, pairs: Iterable[Pair], meta: dict[str, Any]) ->
         if d["clean_answer"] == d["corrupted_answer"]:
             raise ValueError(f"pair #{i} ({d['id']!r}) has equal answers ({d['clean_answer']}); drop it before saving")
     try:
-        text = json.dumps({"format": FORMAT, "version": VERSION, "meta": meta, "pairs": records},
-                          indent=1, ensure_ascii=False, allow_nan=False)
+        text = json.dumps({"format": FORMAT, "version": VERSION, "meta": meta, "pairs": records}, indent=1, ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise ValueError(f"cannot write {path}: meta or pairs are not plain finite JSON ({e})") from None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -158,9 +163,6 @@ def load_pairs(path: str | Path) -> tuple[list[Pair], dict[str, Any]]:
         except (TypeError, ValueError) as e:
             raise ValueError(f"{where} has a malformed field ({e}); {regenerate}") from None
         if pair.clean_answer == pair.corrupted_answer:
-            raise ValueError(
-                f"{where} has equal clean and corrupted answers ({pair.clean_answer:g}); "
-                "a pair must change the answer: remove it from the file or regenerate the pairs"
-            )
+            raise ValueError(f"{where} has equal clean and corrupted answers ({pair.clean_answer:g}); a pair must change the answer: remove it from the file or regenerate the pairs")
         pairs.append(pair)
     return pairs, meta

@@ -18,30 +18,36 @@ from dataclasses import dataclass
 from interp.data.pairs import NumberChange, Pair
 
 _TAIL = " Give the answer only and nothing else."
-ADDITION_TEMPLATES = tuple(s + _TAIL for s in (
-    "A team starts with {X} members. They recruit {Y} new members. Then each current member recruits {Z} additional people. How many people are there now on the team?",
-    "A company starts with {X} employees. They hire {Y} more employees. Then each current employee brings in {Z} additional people. How many people are there now in the company?",
-    "A school starts with {X} students. They enroll {Y} new students. Then each current student brings {Z} additional students. How many students are there now in the school?",
-    "A club starts with {X} members. They add {Y} new members. Then each current member invites {Z} additional people. How many people are there now in the club?",
-    "A restaurant starts with {X} customers. They welcome {Y} more customers. Then each current customer brings {Z} additional customers. How many customers are there now in the restaurant?",
-    "A gym starts with {X} members. They sign up {Y} new members. Then each current member refers {Z} additional people. How many people are there now in the gym?",
-    "A band starts with {X} musicians. They add {Y} more musicians. Then each current musician brings {Z} additional musicians. How many musicians are there now in the band?",
-    "A community starts with {X} residents. They welcome {Y} new residents. Then each current resident invites {Z} additional people. How many people are there now in the community?",
-    "A group starts with {X} participants. They add {Y} new participants. Then each current participant brings {Z} additional people. How many people are there now in the group?",
-    "A workshop starts with {X} attendees. They register {Y} more attendees. Then each current attendee brings {Z} additional people. How many people are there now in the workshop?",
-))
-SUBTRACTION_TEMPLATES = tuple(s + _TAIL for s in (
-    "A team starts with {X} members. {Y} members leave the team. Then each remaining member recruits {Z} additional people. How many people are there now on the team?",
-    "A company starts with {X} employees. {Y} employees resign. Then each remaining employee brings in {Z} additional people. How many people are there now in the company?",
-    "A school starts with {X} students. {Y} students transfer out. Then each remaining student brings {Z} additional students. How many students are there now in the school?",
-    "A club starts with {X} members. {Y} members quit. Then each remaining member invites {Z} additional people. How many people are there now in the club?",
-    "A restaurant starts with {X} customers. {Y} customers leave. Then each remaining customer brings {Z} additional customers. How many customers are there now in the restaurant?",
-    "A gym starts with {X} members. {Y} members cancel. Then each remaining member refers {Z} additional people. How many people are there now in the gym?",
-    "A band starts with {X} musicians. {Y} musicians depart. Then each remaining musician brings {Z} additional musicians. How many musicians are there now in the band?",
-    "A community starts with {X} residents. {Y} residents move away. Then each remaining resident invites {Z} additional people. How many people are there now in the community?",
-    "A group starts with {X} participants. {Y} participants drop out. Then each remaining participant brings {Z} additional people. How many people are there now in the group?",
-    "A workshop starts with {X} attendees. {Y} attendees withdraw. Then each remaining attendee brings {Z} additional people. How many people are there now in the workshop?",
-))
+ADDITION_TEMPLATES = tuple(
+    s + _TAIL
+    for s in (
+        "A team starts with {X} members. They recruit {Y} new members. Then each current member recruits {Z} additional people. How many people are there now on the team?",
+        "A company starts with {X} employees. They hire {Y} more employees. Then each current employee brings in {Z} additional people. How many people are there now in the company?",
+        "A school starts with {X} students. They enroll {Y} new students. Then each current student brings {Z} additional students. How many students are there now in the school?",
+        "A club starts with {X} members. They add {Y} new members. Then each current member invites {Z} additional people. How many people are there now in the club?",
+        "A restaurant starts with {X} customers. They welcome {Y} more customers. Then each current customer brings {Z} additional customers. How many customers are there now in the restaurant?",
+        "A gym starts with {X} members. They sign up {Y} new members. Then each current member refers {Z} additional people. How many people are there now in the gym?",
+        "A band starts with {X} musicians. They add {Y} more musicians. Then each current musician brings {Z} additional musicians. How many musicians are there now in the band?",
+        "A community starts with {X} residents. They welcome {Y} new residents. Then each current resident invites {Z} additional people. How many people are there now in the community?",
+        "A group starts with {X} participants. They add {Y} new participants. Then each current participant brings {Z} additional people. How many people are there now in the group?",
+        "A workshop starts with {X} attendees. They register {Y} more attendees. Then each current attendee brings {Z} additional people. How many people are there now in the workshop?",
+    )
+)
+SUBTRACTION_TEMPLATES = tuple(
+    s + _TAIL
+    for s in (
+        "A team starts with {X} members. {Y} members leave the team. Then each remaining member recruits {Z} additional people. How many people are there now on the team?",
+        "A company starts with {X} employees. {Y} employees resign. Then each remaining employee brings in {Z} additional people. How many people are there now in the company?",
+        "A school starts with {X} students. {Y} students transfer out. Then each remaining student brings {Z} additional students. How many students are there now in the school?",
+        "A club starts with {X} members. {Y} members quit. Then each remaining member invites {Z} additional people. How many people are there now in the club?",
+        "A restaurant starts with {X} customers. {Y} customers leave. Then each remaining customer brings {Z} additional customers. How many customers are there now in the restaurant?",
+        "A gym starts with {X} members. {Y} members cancel. Then each remaining member refers {Z} additional people. How many people are there now in the gym?",
+        "A band starts with {X} musicians. {Y} musicians depart. Then each remaining musician brings {Z} additional musicians. How many musicians are there now in the band?",
+        "A community starts with {X} residents. {Y} residents move away. Then each remaining resident invites {Z} additional people. How many people are there now in the community?",
+        "A group starts with {X} participants. {Y} participants drop out. Then each remaining participant brings {Z} additional people. How many people are there now in the group?",
+        "A workshop starts with {X} attendees. {Y} attendees withdraw. Then each remaining attendee brings {Z} additional people. How many people are there now in the workshop?",
+    )
+)
 TEMPLATES = {"addition": ADDITION_TEMPLATES, "subtraction": SUBTRACTION_TEMPLATES}
 SLOTS = ("X", "Y", "Z")
 VALUES = range(1, 9)
@@ -127,8 +133,7 @@ def three_step_pairs(n: int, seed: int = 0) -> list[Pair]:
                 clean_answer=float(clean.answer),
                 corrupted_answer=float(corrupted.answer),
                 change=NumberChange(old=question[start:end], new=str(corrupted.numbers[slot]), span=(start, end)),
-                source={"task": "three-step", "operation": clean.operation, "template": clean.template,
-                        "clean_xyz": list(clean.numbers), "corrupted_xyz": list(corrupted.numbers)},
+                source={"task": "three-step", "operation": clean.operation, "template": clean.template, "clean_xyz": list(clean.numbers), "corrupted_xyz": list(corrupted.numbers)},
                 clean_intermediates=tuple(float(v) for v in clean.values),
                 corrupted_intermediates=tuple(float(v) for v in corrupted.values),
                 changed_slot=slot,

@@ -72,20 +72,14 @@ def load_base(base: Any, revision: str | None = None) -> tuple[PretrainedConfig,
     if isinstance(base, (str, Path)):
         found = resolve_base(base, revision)
         if not (found.path / "config.json").is_file():
-            raise CheckpointError(
-                f"base {found.path} has no config.json: pass a Hugging Face model directory or hub id "
-                "(config + tokenizer), e.g. gpt2 or meta-llama/Llama-3.2-1B-Instruct"
-            )
+            raise CheckpointError(f"base {found.path} has no config.json: pass a Hugging Face model directory or hub id (config + tokenizer), e.g. gpt2 or meta-llama/Llama-3.2-1B-Instruct")
         config = AutoConfig.from_pretrained(found.path, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(found.path, local_files_only=True)
         return config, tokenizer, found
     if isinstance(base, tuple) and len(base) == 2:
         model, tokenizer = base
         return model.config, tokenizer, None
-    raise TypeError(
-        "base must be a local model directory, a hub id or a (transformers model, tokenizer) tuple, "
-        f"got {type(base).__name__}"
-    )
+    raise TypeError(f"base must be a local model directory, a hub id or a (transformers model, tokenizer) tuple, got {type(base).__name__}")
 
 
 def with_pad_token(tokenizer: Any, pad_id: int) -> Any:
@@ -226,9 +220,7 @@ def load_default(*, dtype: torch.dtype = torch.float32, device: str | torch.devi
 
     meta_path = EMBEDDED_DIR / "codi.json"
     if not meta_path.is_file():
-        raise FileNotFoundError(
-            f"the embedded model is missing from {EMBEDDED_DIR}; rebuild it with `interp train --preset embedded --out {EMBEDDED_DIR}`"
-        )
+        raise FileNotFoundError(f"the embedded model is missing from {EMBEDDED_DIR}; rebuild it with `interp train --preset embedded --out {EMBEDDED_DIR}`")
     meta = json.loads(meta_path.read_text())
     return load_codi(
         EMBEDDED_DIR / "model.safetensors",

@@ -208,8 +208,7 @@ def architecture(config: PretrainedConfig) -> Architecture:
     model_type = getattr(config, "model_type", None)
     if model_type not in ARCHITECTURES:
         raise CheckpointError(
-            f"base model type is {model_type!r}; CODI bases of type {', '.join(repr(k) for k in ARCHITECTURES)} load "
-            "(LLaMA-architecture models such as Llama-3.2 and SmolLM2, and GPT-2)"
+            f"base model type is {model_type!r}; CODI bases of type {', '.join(repr(k) for k in ARCHITECTURES)} load (LLaMA-architecture models such as Llama-3.2 and SmolLM2, and GPT-2)"
         )
     return ARCHITECTURES[model_type]
 

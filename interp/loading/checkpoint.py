@@ -48,14 +48,9 @@ def read_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     if path.is_dir():
         found = [path / name for name in CHECKPOINT_FILES if (path / name).is_file()]
         if not found:
-            raise CheckpointError(
-                f"no checkpoint in {path}: expected one of {', '.join(CHECKPOINT_FILES)}. "
-                "Pass the directory holding the CODI checkpoint, or the file itself."
-            )
+            raise CheckpointError(f"no checkpoint in {path}: expected one of {', '.join(CHECKPOINT_FILES)}. Pass the directory holding the CODI checkpoint, or the file itself.")
         if len(found) > 1:
-            raise CheckpointError(
-                f"{path} holds both {found[0].name} and {found[1].name}; pass the file you mean."
-            )
+            raise CheckpointError(f"{path} holds both {found[0].name} and {found[1].name}; pass the file you mean.")
         path = found[0]
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -69,10 +64,7 @@ def read_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     except Exception as exc:  # the file is unreadable: say which one and why
         raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(
-            f"{path} does not hold a flat state_dict of tensors (got {type(state).__name__}); "
-            "save the CODI module's state_dict()"
-        )
+        raise CheckpointError(f"{path} does not hold a flat state_dict of tensors (got {type(state).__name__}); save the CODI module's state_dict()")
     return state
 
 
@@ -80,10 +72,7 @@ def check_finite(state: dict[str, torch.Tensor]) -> None:
     """Refuse a checkpoint with NaN or Inf in any floating-point tensor, naming the tensors."""
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
-        raise CheckpointError(
-            f"non-finite values (NaN or Inf) in {_fmt(bad)}: the checkpoint is corrupt "
-            "(diverged training or a broken conversion); use another save of the model"
-        )
+        raise CheckpointError(f"non-finite values (NaN or Inf) in {_fmt(bad)}: the checkpoint is corrupt (diverged training or a broken conversion); use another save of the model")
 
 
 def split_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -91,10 +80,7 @@ def split_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Te
     lm, prj, stray = {}, {}, []
     prefixes = {k.startswith(PEFT_PREFIX) for k in state if k.startswith(PLAIN_PREFIX)}
     if len(prefixes) > 1:
-        raise CheckpointError(
-            "checkpoint mixes peft-wrapped keys (codi.base_model.model.…) with plain keys (codi.…); "
-            "it must be one or the other"
-        )
+        raise CheckpointError("checkpoint mixes peft-wrapped keys (codi.base_model.model.…) with plain keys (codi.…); it must be one or the other")
     for key, value in state.items():
         if key.startswith(PEFT_PREFIX):
             lm[key[len(PEFT_PREFIX) :]] = value
@@ -105,9 +91,7 @@ def split_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Te
         else:
             stray.append(key)
     if stray:
-        raise CheckpointError(
-            f"unused keys outside codi.* and prj.*: {_fmt(stray)}. Is this a CODI checkpoint?"
-        )
+        raise CheckpointError(f"unused keys outside codi.* and prj.*: {_fmt(stray)}. Is this a CODI checkpoint?")
     if not lm:
         raise CheckpointError("checkpoint holds no codi.* keys (the language model's weights)")
     return lm, prj
@@ -133,9 +117,7 @@ def merge_lora(lm: dict[str, torch.Tensor], lora_alpha: float, arch: Architectur
             merged[key] = value
     duplicated = set(base_layers) & set(merged)
     if duplicated:
-        raise CheckpointError(
-            f"duplicated keys: both a base_layer and a plain weight for {_fmt(duplicated)}"
-        )
+        raise CheckpointError(f"duplicated keys: both a base_layer and a plain weight for {_fmt(duplicated)}")
     merged.update(base_layers)
 
     incomplete = [f"{m}.{kind}.default.weight" for m, p in lora.items() for kind in ("lora_A", "lora_B") if kind not in p]
@@ -149,10 +131,7 @@ def merge_lora(lm: dict[str, torch.Tensor], lora_alpha: float, arch: Architectur
         raise CheckpointError(f"unused keys: base_layer weights without LoRA: {_fmt(plain_on_lora)}")
     off_target = [m for m in lora if m.rsplit(".", 1)[-1] not in arch.lora_targets]
     if off_target:
-        raise CheckpointError(
-            f"LoRA on modules that CODI does not wrap in a {arch.model_type} model: {_fmt(off_target)} "
-            f"(targets: {', '.join(arch.lora_targets)}). Is the base the checkpoint's own?"
-        )
+        raise CheckpointError(f"LoRA on modules that CODI does not wrap in a {arch.model_type} model: {_fmt(off_target)} (targets: {', '.join(arch.lora_targets)}). Is the base the checkpoint's own?")
 
     ranks = {m: p["lora_A"].shape[0] for m, p in lora.items()}
     if len(set(ranks.values())) > 1:
@@ -167,8 +146,7 @@ def merge_lora(lm: dict[str, torch.Tensor], lora_alpha: float, arch: Architectur
         if a.ndim != 2 or b.ndim != 2 or w.ndim != 2 or b.shape[1] != a.shape[0] or (b.shape[0], a.shape[1]) != out_in:
             layout = "Conv1D [in, out]" if arch.conv1d else "Linear [out, in]"
             raise CheckpointError(
-                f"mis-shaped LoRA for {module}: lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}, "
-                f"base weight {tuple(w.shape)} ({layout}); expected lora_A (r, {out_in[1]}) and lora_B ({out_in[0]}, r)"
+                f"mis-shaped LoRA for {module}: lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}, base weight {tuple(w.shape)} ({layout}); expected lora_A (r, {out_in[1]}) and lora_B ({out_in[0]}, r)"
             )
         delta = b.double() @ a.double()  # [out, in]
         if arch.conv1d:
@@ -199,8 +177,7 @@ def check_architecture(lm: dict[str, torch.Tensor], arch: Architecture) -> None:
     for other in ARCHITECTURES.values():
         if other.embed_key in lm:
             raise CheckpointError(
-                f"the checkpoint holds a {other.model_type} model ({other.embed_key}) but the base is {arch.model_type} "
-                f"(expects {arch.embed_key}): pass the base the checkpoint was trained on"
+                f"the checkpoint holds a {other.model_type} model ({other.embed_key}) but the base is {arch.model_type} (expects {arch.embed_key}): pass the base the checkpoint was trained on"
             )
 
 
@@ -214,10 +191,7 @@ def check_lm_keys(merged: dict[str, torch.Tensor], config: PretrainedConfig, arc
         expected.pop("lm_head.weight", None)
         head, emb = merged.pop("lm_head.weight", None), merged.get(arch.embed_key)
         if head is not None and emb is not None and not (head.shape == emb.shape and torch.equal(head, emb)):
-            raise CheckpointError(
-                "the base ties input and output embeddings, but the checkpoint's lm_head.weight "
-                f"{tuple(head.shape)} differs from {arch.embed_key} {tuple(emb.shape)}"
-            )
+            raise CheckpointError(f"the base ties input and output embeddings, but the checkpoint's lm_head.weight {tuple(head.shape)} differs from {arch.embed_key} {tuple(emb.shape)}")
     missing = set(expected) - set(merged)
     unused = set(merged) - set(expected)
     problems = []
@@ -227,22 +201,14 @@ def check_lm_keys(merged: dict[str, torch.Tensor], config: PretrainedConfig, arc
         problems.append(f"unused keys: {_fmt(unused)}")
     if problems:
         raise CheckpointError(
-            f"the checkpoint does not match the base model's architecture ({arch.model_type}, "
-            f"{config.num_hidden_layers} layers, d_model {config.hidden_size}): " + "; ".join(problems)
+            f"the checkpoint does not match the base model's architecture ({arch.model_type}, {config.num_hidden_layers} layers, d_model {config.hidden_size}): " + "; ".join(problems)
         )
-    misshaped = [
-        f"{k} {tuple(merged[k].shape)} (expected {shape})"
-        for k, shape in expected.items()
-        if tuple(merged[k].shape) != shape
-    ]
+    misshaped = [f"{k} {tuple(merged[k].shape)} (expected {shape})" for k, shape in expected.items() if tuple(merged[k].shape) != shape]
     if misshaped:
         hint = ""
         rows = merged[arch.embed_key].shape[0]
         if rows != vocab + 3:
-            hint = (
-                f" The embedding has {rows} rows; a CODI checkpoint has the base vocabulary "
-                f"({vocab}) + 3 (pad, bot, eot)."
-            )
+            hint = f" The embedding has {rows} rows; a CODI checkpoint has the base vocabulary ({vocab}) + 3 (pad, bot, eot)."
         raise CheckpointError(f"mis-shaped keys: {_fmt(misshaped, 5)}.{hint}")
     if tied:
         merged["lm_head.weight"] = merged[arch.embed_key]
@@ -266,13 +232,9 @@ def build_prj(prj_state: dict[str, torch.Tensor], d_model: int) -> nn.Sequential
     unused = set(prj_state) - set(expected)
     missing = set(expected) - set(prj_state)
     if unused or missing:
-        parts = ([f"unused keys: {_fmt({'prj.' + k for k in unused})}"] if unused else []) + (
-            [f"missing keys: {_fmt({'prj.' + k for k in missing})}"] if missing else []
-        )
+        parts = ([f"unused keys: {_fmt({'prj.' + k for k in unused})}"] if unused else []) + ([f"missing keys: {_fmt({'prj.' + k for k in missing})}"] if missing else [])
         raise CheckpointError("projection keys do not match Linear-GELU-Linear[-LayerNorm]: " + "; ".join(parts))
-    misshaped = [
-        f"prj.{k} {tuple(prj_state[k].shape)} (expected {s})" for k, s in expected.items() if tuple(prj_state[k].shape) != s
-    ]
+    misshaped = [f"prj.{k} {tuple(prj_state[k].shape)} (expected {s})" for k, s in expected.items() if tuple(prj_state[k].shape) != s]
     if misshaped:
         raise CheckpointError(f"mis-shaped keys: {_fmt(misshaped, 5)} (d_model is {d_model})")
     prj.load_state_dict(prj_state, strict=True)

@@ -97,8 +97,7 @@ def default_base(checkpoint: str) -> str:
         if checkpoint.lower() == repo_id.lower():
             return base
     raise CheckpointError(
-        f"no default base for checkpoint {checkpoint!r} (defaults exist for {', '.join(OFFICIAL_BASES)}): "
-        "pass base=, the local directory or hub id of the model it was trained on (e.g. gpt2)"
+        f"no default base for checkpoint {checkpoint!r} (defaults exist for {', '.join(OFFICIAL_BASES)}): pass base=, the local directory or hub id of the model it was trained on (e.g. gpt2)"
     )
 
 
@@ -114,10 +113,7 @@ def _miss(what: str, repo_id: str, revision: str | None, cache: Path) -> Checkpo
 def _hub_error(exc: Exception, what: str, repo_id: str, revision: str | None, cache: Path) -> CheckpointError:
     """One line for each way a hub look-up fails."""
     if isinstance(exc, GatedRepoError):
-        return CheckpointError(
-            f"{what} {repo_id!r} is gated on the Hugging Face Hub: accept its licence on the model's Hub page, "
-            f"then {LOGIN} (a token of the account that was granted access)"
-        )
+        return CheckpointError(f"{what} {repo_id!r} is gated on the Hugging Face Hub: accept its licence on the model's Hub page, then {LOGIN} (a token of the account that was granted access)")
     if isinstance(exc, RepositoryNotFoundError):
         return CheckpointError(f"{what} {repo_id!r} was not found on the Hugging Face Hub: check the id, or if it is private, {LOGIN}")
     if isinstance(exc, RevisionNotFoundError):

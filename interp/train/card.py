@@ -73,7 +73,7 @@ def write_model_card(path: str | Path, meta: dict[str, Any], m: dict[str, Any], 
         f"rope_theta 10000, max_position_embeddings {c['max_position_embeddings']}, tied input/output embeddings.",
         "Embeddings have V + 3 = 23 rows: `pad` = 20, `bot` = 21, `eot` = 22 (`base/config.json` says",
         "`vocab_size: 20`, the base vocabulary, as for any CODI checkpoint).",
-        "`prj` = Dropout(p=%s) -> Linear(128, 128) -> GELU -> Linear(128, 128) -> LayerNorm `ln`" % c["prj_dropout"],
+        f"`prj` = Dropout(p={c['prj_dropout']}) -> Linear(128, 128) -> GELU -> Linear(128, 128) -> LayerNorm `ln`",
         "(keys `prj.1.*`, `prj.3.*`, `prj.ln.*`). Trained without LoRA, so the checkpoint holds",
         "`codi.model.*` (every Llama weight except the tied `lm_head`) and `prj.*`; `codi.json` has `lora_alpha: null`.",
         "",
@@ -182,5 +182,4 @@ if __name__ == "__main__":  # re-render from the shipped files
     import sys
 
     root = Path(__file__).resolve().parents[1] / "embedded"
-    write_model_card(sys.argv[1] if len(sys.argv) > 1 else "docs/embedded_model.md",
-                     json.loads((root / "codi.json").read_text()), json.loads((root / "metrics.json").read_text()))
+    write_model_card(sys.argv[1] if len(sys.argv) > 1 else "docs/embedded_model.md", json.loads((root / "codi.json").read_text()), json.loads((root / "metrics.json").read_text()))

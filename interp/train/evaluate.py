@@ -49,8 +49,7 @@ def _special_ids(llama) -> tuple[int, int, int]:
 
 
 @torch.no_grad()
-def student_generate(llama, prj, tokenizer, question: str, num_latents: int = 6, latents_override=None,
-                     max_new_tokens: int = MAX_NEW_TOKENS) -> StudentGeneration:
+def student_generate(llama, prj, tokenizer, question: str, num_latents: int = 6, latents_override=None, max_new_tokens: int = MAX_NEW_TOKENS) -> StudentGeneration:
     """The official CODI inference loop, batch 1, with a KV cache.
 
     ids = tokenizer(question) + [bot]; latent 1 = prj(hidden_states[-1] at the last position);
@@ -140,8 +139,7 @@ def _frac(xs) -> float:
     return round(sum(xs) / len(xs), 4) if xs else float("nan")
 
 
-def evaluate_model(model_dir: str | Path, direct_dir: str | Path | None = None, n: int = D.TEST_SIZE,
-                   n_pairs: int = D.PAIRS_SIZE, progress: bool = True) -> dict[str, Any]:
+def evaluate_model(model_dir: str | Path, direct_dir: str | Path | None = None, n: int = D.TEST_SIZE, n_pairs: int = D.PAIRS_SIZE, progress: bool = True) -> dict[str, Any]:
     """All the held-out numbers of the model card (see the module docstring)."""
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer

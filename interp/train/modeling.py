@@ -63,8 +63,7 @@ def expected_checkpoint_shapes(base_config, with_prj: bool = True) -> dict[str, 
         shapes[p + "post_attention_layernorm.weight"] = (d,)
     shapes["codi.model.norm.weight"] = (d,)
     if with_prj:
-        shapes.update({"prj.1.weight": (d, d), "prj.1.bias": (d,), "prj.3.weight": (d, d), "prj.3.bias": (d,),
-                       "prj.ln.weight": (d,), "prj.ln.bias": (d,)})
+        shapes.update({"prj.1.weight": (d, d), "prj.1.bias": (d,), "prj.3.weight": (d, d), "prj.3.bias": (d,), "prj.ln.weight": (d,), "prj.ln.bias": (d,)})
     return shapes
 
 
@@ -108,15 +107,15 @@ def load_checkpoint(ckpt: str | Path, base_dir: str | Path, attn_implementation:
         bad = sorted(k for k in set(got) & set(expected) if got[k] != expected[k])
         raise ValueError(f"checkpoint {ckpt} does not match {base_dir}: missing={missing} unused={extra} misshaped={bad}")
     llama = build_llama(base_config, attn_implementation)
-    llama.load_state_dict({k[len("codi."):]: v for k, v in sd.items() if k.startswith("codi.")}, strict=False)
+    llama.load_state_dict({k[len("codi.") :]: v for k, v in sd.items() if k.startswith("codi.")}, strict=False)
     # strict=False only because lm_head.weight is tied (absent); verify everything else was loaded
     names = set(llama.state_dict()) - {"lm_head.weight"}
-    if names != {k[len("codi."):] for k in sd if k.startswith("codi.")}:
+    if names != {k[len("codi.") :] for k in sd if k.startswith("codi.")}:
         raise ValueError("llama keys did not match the checkpoint")
     prj = None
     if with_prj:
         prj = build_prj(base_config.hidden_size)
-        prj.load_state_dict({k[len("prj."):]: v for k, v in sd.items() if k.startswith("prj.")}, strict=True)
+        prj.load_state_dict({k[len("prj.") :]: v for k, v in sd.items() if k.startswith("prj.")}, strict=True)
         prj.eval()
     llama.eval()
     return llama, prj

@@ -57,6 +57,5 @@ def cli_train(preset: str, out: str | Path, seed: int = 0) -> int:
     """`interp train --preset NAME --out DIR [--seed S]`: train, write the checkpoint, print a summary."""
     res = train_preset(preset, out, seed=seed)
     m = res.meta
-    print(f"wrote {Path(out) / 'model.safetensors'} ({m['objective']['name']}, steps {m['steps']}, "
-          f"{m['wall_time_s']} s, dev {m['dev']})")
+    print(f"wrote {Path(out) / 'model.safetensors'} ({m['objective']['name']}, steps {m['steps']}, {m['wall_time_s']} s, dev {m['dev']})")
     return 0

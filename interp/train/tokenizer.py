@@ -34,9 +34,7 @@ def build_tokenizer() -> Tokenizer:
             pre_tokenizers.Punctuation("isolated"),
         ]
     )
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, BOS_ID)]
-    )
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, BOS_ID)])
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins tokens with single spaces
     return tok
 
@@ -45,9 +43,7 @@ def hf_tokenizer():
     """A `transformers.PreTrainedTokenizerFast` wrapping `build_tokenizer()`."""
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast(
-        tokenizer_object=build_tokenizer(), bos_token=BOS, eos_token=EOS, unk_token=UNK
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=build_tokenizer(), bos_token=BOS, eos_token=EOS, unk_token=UNK)
 
 
 def llama_config(

@@ -231,8 +231,7 @@ def _loop(
         opt.step()
         sched.step()
         steps_done = step + 1
-        rec = {"phase": phase, "step": steps_done, "time_s": round(time.time() - t0, 2),
-               "cpu_s": round(time.process_time() - c0, 2), "lr": sched.get_last_lr()[0]}
+        rec = {"phase": phase, "step": steps_done, "time_s": round(time.time() - t0, 2), "cpu_s": round(time.process_time() - c0, 2), "lr": sched.get_last_lr()[0]}
         rec.update({k: round(v.item(), 5) for k, v in losses.items()})
         if "distill" in losses:
             rec["distill_share"] = round(losses["distill"].item() / max(losses["loss"].item(), 1e-12), 4)
@@ -259,14 +258,17 @@ def _resume_phase1(llama, cfg: TrainConfig, seed: int):
 
     d = Path(cfg.resume_phase1)
     meta1 = json.loads((d / "codi.json").read_text())
-    same = {k: v for k, v in asdict(cfg).items() if k.startswith("p1_") or k in ("task_steps", "num_layers", "hidden_size",
-            "num_heads", "num_kv_heads", "intermediate_size", "max_position_embeddings", "weight_decay", "grad_clip",
-            "warmup_steps")}
+    same = {
+        k: v
+        for k, v in asdict(cfg).items()
+        if k.startswith("p1_")
+        or k in ("task_steps", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size", "max_position_embeddings", "weight_decay", "grad_clip", "warmup_steps")
+    }
     theirs = {k: meta1["config"].get(k) for k in same}
     if meta1["seed"] != seed or theirs != same:
         raise ValueError(f"{d} was trained with a different seed or phase-1 config: {theirs} vs {same}")
     sd = load_file(str(d / "model.safetensors"))
-    missing, unexpected = llama.load_state_dict({k[len("codi."):]: v for k, v in sd.items()}, strict=False)
+    missing, unexpected = llama.load_state_dict({k[len("codi.") :]: v for k, v in sd.items()}, strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise ValueError(f"phase-1 checkpoint mismatch: missing={missing} unexpected={unexpected}")
     log1 = [json.loads(line) for line in (d / "train_log.jsonl").read_text().splitlines() if line.strip()]
@@ -299,9 +301,19 @@ def train(cfg: TrainConfig, out_dir: str | Path, seed: int = 0) -> TrainResult:
                 q = ids.shape[1] - 7  # `The answer is : N </s>` is 6 tokens; predictions start at the last question token
                 return {"loss": lm_loss(llama(input_ids=ids).logits, ids, q)}
 
-            n, acc = _loop("direct", list(llama.parameters()), direct_step, lambda: direct_dev_accuracy(llama, dev),
-                           lr=cfg.direct_lr, max_steps=cfg.direct_steps, target=None, cfg=cfg, log=log,
-                           log_file=log_file, modules=[llama])
+            n, acc = _loop(
+                "direct",
+                list(llama.parameters()),
+                direct_step,
+                lambda: direct_dev_accuracy(llama, dev),
+                lr=cfg.direct_lr,
+                max_steps=cfg.direct_steps,
+                target=None,
+                cfg=cfg,
+                log=log,
+                log_file=log_file,
+                modules=[llama],
+            )
             prj = None
             steps = {"direct": n, "total": n}
             accs = {"direct_dev_acc": acc}
@@ -320,37 +332,73 @@ def train(cfg: TrainConfig, out_dir: str | Path, seed: int = 0) -> TrainResult:
                 for rec in log1:
                     log_file.write(json.dumps(rec) + "\n")
             else:
-                n1, acc1 = _loop("phase1-teacher", list(llama.parameters()), teacher_step,
-                                 lambda: teacher_dev_accuracy(llama, dev), lr=cfg.p1_lr, max_steps=cfg.p1_max_steps,
-                                 target=cfg.p1_target, cfg=cfg, log=log, log_file=log_file, modules=[llama])
+                n1, acc1 = _loop(
+                    "phase1-teacher",
+                    list(llama.parameters()),
+                    teacher_step,
+                    lambda: teacher_dev_accuracy(llama, dev),
+                    lr=cfg.p1_lr,
+                    max_steps=cfg.p1_max_steps,
+                    target=cfg.p1_target,
+                    cfg=cfg,
+                    log=log,
+                    log_file=log_file,
+                    modules=[llama],
+                )
                 t_p1, c_p1 = time.time() - t_start, time.process_time() - c_start
                 if cfg.save_phase1:
-                    meta1 = {"objective": {"name": "teacher-phase1"}, "seed": seed, "steps": {"phase1": n1, "total": n1},
-                             "dev": {"teacher_dev_acc": acc1}, "wall_time_s": round(t_p1, 1), "cpu_time_s": round(c_p1, 1),
-                             "num_latents": 0, "answer_prefix": ANSWER_PREFIX, "lora_alpha": None,
-                             "config": {k: v for k, v in asdict(cfg).items() if k not in ("progress", "extra")}}
+                    meta1 = {
+                        "objective": {"name": "teacher-phase1"},
+                        "seed": seed,
+                        "steps": {"phase1": n1, "total": n1},
+                        "dev": {"teacher_dev_acc": acc1},
+                        "wall_time_s": round(t_p1, 1),
+                        "cpu_time_s": round(c_p1, 1),
+                        "num_latents": 0,
+                        "answer_prefix": ANSWER_PREFIX,
+                        "lora_alpha": None,
+                        "config": {k: v for k, v in asdict(cfg).items() if k not in ("progress", "extra")},
+                    }
                     save_checkpoint(out / "phase1", llama, None, meta1, base_config)
                     (out / "phase1" / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
 
             def codi_step(step):
                 return codi_losses(llama, prj, D.train_batch(n1 + step, cfg.p2_batch, cfg.task_steps, seed), cfg)
 
-            n2, acc2 = _loop("phase2-codi", list(llama.parameters()) + list(prj.parameters()), codi_step,
-                             lambda: student_dev_accuracy(llama, prj, dev, cfg.num_latents), lr=cfg.p2_lr,
-                             max_steps=cfg.p2_max_steps, target=cfg.p2_target, cfg=cfg, log=log,
-                             log_file=log_file, modules=[llama, prj], schedule=cfg.p2_schedule,
-                             min_lr_frac=cfg.p2_min_lr_frac)
+            n2, acc2 = _loop(
+                "phase2-codi",
+                list(llama.parameters()) + list(prj.parameters()),
+                codi_step,
+                lambda: student_dev_accuracy(llama, prj, dev, cfg.num_latents),
+                lr=cfg.p2_lr,
+                max_steps=cfg.p2_max_steps,
+                target=cfg.p2_target,
+                cfg=cfg,
+                log=log,
+                log_file=log_file,
+                modules=[llama, prj],
+                schedule=cfg.p2_schedule,
+                min_lr_frac=cfg.p2_min_lr_frac,
+            )
             steps = {"phase1": n1, "phase2": n2, "total": n1 + n2}
-            accs = {"teacher_dev_acc_end_phase1": acc1, "student_dev_acc": acc2,
-                    "teacher_dev_acc": teacher_dev_accuracy(llama.eval(), dev), "phase1_wall_s": round(t_p1, 1), "phase1_cpu_s": round(c_p1, 1)}
+            accs = {
+                "teacher_dev_acc_end_phase1": acc1,
+                "student_dev_acc": acc2,
+                "teacher_dev_acc": teacher_dev_accuracy(llama.eval(), dev),
+                "phase1_wall_s": round(t_p1, 1),
+                "phase1_cpu_s": round(c_p1, 1),
+            }
             objective = {
                 "name": "codi+per-step-alignment" if cfg.step_distill else "codi",
                 "published_codi": not cfg.step_distill,
                 "description": (
                     "teacher LM (after <bot>) + student LM (after <eot>) + alpha * [distill at ':' over all hidden "
                     "states, smooth L1 / teacher std, mean over layers"
-                    + (" + step_distill_weight * mean over latent t (toward teacher at v_t) and eot of the same term]"
-                       " -- the per-step term is NOT the published CODI objective" if cfg.step_distill else "]")
+                    + (
+                        " + step_distill_weight * mean over latent t (toward teacher at v_t) and eot of the same term] -- the per-step term is NOT the published CODI objective"
+                        if cfg.step_distill
+                        else "]"
+                    )
                 ),
                 "alpha": cfg.alpha,
                 "step_distill": cfg.step_distill,
@@ -365,9 +413,16 @@ def train(cfg: TrainConfig, out_dir: str | Path, seed: int = 0) -> TrainResult:
         "answer_prefix": ANSWER_PREFIX,
         "lora_alpha": None,
         "objective": objective,
-        "task": {"name": "arithmetic", "module": "interp.data.arithmetic", "steps": cfg.task_steps, "modulus": 10,
-                 "dev_seed": D.DEV_SEED, "test_seed": D.TEST_SEED, "pairs_seed": D.PAIRS_SEED,
-                 "train_batch_seeds": f"{D.TRAIN_SEED_BASE} * (seed + 1) + 16 * step + k, held-out questions excluded"},
+        "task": {
+            "name": "arithmetic",
+            "module": "interp.data.arithmetic",
+            "steps": cfg.task_steps,
+            "modulus": 10,
+            "dev_seed": D.DEV_SEED,
+            "test_seed": D.TEST_SEED,
+            "pairs_seed": D.PAIRS_SEED,
+            "train_batch_seeds": f"{D.TRAIN_SEED_BASE} * (seed + 1) + 16 * step + k, held-out questions excluded",
+        },
         "seed": seed,
         "steps": steps,
         "wall_time_s": round(wall, 1),

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from interp.data.arithmetic import arithmetic_pairs
 from interp.data import align
+from interp.data.arithmetic import arithmetic_pairs
 from interp.engine import BatchPatcher, Job
 from interp.metrics import cache_similarity
 from interp.patching import latent_sites, patch_sites

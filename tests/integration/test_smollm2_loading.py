@@ -43,7 +43,7 @@ def test_safetensors_without_lm_head_loads_identically(smol_codi, tmp_path):
     from tests.factories import save_checkpoint
 
     ref, model, base_dir, _ = smol_codi
-    path = save_checkpoint(ref, tmp_path / "model.safetensors", safetensors=True, drop_lm_head=True)
+    save_checkpoint(ref, tmp_path / "model.safetensors", safetensors=True, drop_lm_head=True)
     other = load_codi(tmp_path, base_dir, device="cpu")
     for name, p in model.model.state_dict().items():
         torch.testing.assert_close(other.model.state_dict()[name], p, rtol=0, atol=0)

@@ -32,8 +32,17 @@ def test_strategies_match_reference(smol_codi, traces, layer, latent):
     for strategy in ("parallel", "iterative", "feedback"):
         result = patch(model, corrupted, clean, f"blocks.{layer}.hook_resid_post", [latent], strategy)
         logits, fed = reference_patch(
-            ref, tok(CORRUPTED_Q)["input_ids"], corrupted.latents, clean_out, tail, module="layer", layer=layer,
-            positions=[corrupted.latent_positions[latent]], strategy=strategy, bot=model.bot_id, eot=model.eot_id,
+            ref,
+            tok(CORRUPTED_Q)["input_ids"],
+            corrupted.latents,
+            clean_out,
+            tail,
+            module="layer",
+            layer=layer,
+            positions=[corrupted.latent_positions[latent]],
+            strategy=strategy,
+            bot=model.bot_id,
+            eot=model.eot_id,
         )
         assert (result.answer_logits - logits).abs().max() < 1e-3
         torch.testing.assert_close(result.latents, fed, rtol=1e-3, atol=1e-4)

@@ -59,8 +59,7 @@ def test_drop_reasons(llama3_tokenizer):
         # tokens change outside the number's span (the name changed too)
         make_pair("Tom has 9 apples.", "Tim has 8 apples.", "9", "8", pid="outside"),
         # the stated span is the wrong number: the differing token lies outside it
-        Pair("span", "Tom has 9 apples and 4 pears.", "Tom has 9 apples and 5 pears.", 13.0, 14.0,
-             NumberChange("9", "9", (8, 9))),
+        Pair("span", "Tom has 9 apples and 4 pears.", "Tom has 9 apples and 5 pears.", 13.0, 14.0, NumberChange("9", "9", (8, 9))),
         make_pair("Tom has 9 apples.", "Tom has 9 apples.", "9", "9", pid="same"),
         # answers 100 and 1000 tokenize " ", "100" and " ", "100", "0": no token where both differ
         make_pair("Tom has 4 apples.", "Tom has 5 apples.", "4", "5", answers=(100.0, 1000.0), pid="answers"),
@@ -70,8 +69,12 @@ def test_drop_reasons(llama3_tokenizer):
     kept = align(pairs, llama3_tokenizer, counts=counts)
     assert [a.pair.id for a in kept] == ["kept"]
     assert {k: v for k, v in counts.items() if v} == {
-        "in": 6, "drop.length_changed": 1, "drop.diff_outside_span": 2, "drop.same_tokens": 1,
-        "drop.answer_tokens_not_different": 1, "kept": 1,
+        "in": 6,
+        "drop.length_changed": 1,
+        "drop.diff_outside_span": 2,
+        "drop.same_tokens": 1,
+        "drop.answer_tokens_not_different": 1,
+        "kept": 1,
     }
 
 
@@ -132,10 +135,7 @@ class FakeModel:
 
 
 def fake_pairs():
-    pairs = [
-        make_pair(f"Box {name} has 4.", f"Box {name} has 5.", "4", "5", answers=(i, i + 100.0), pid=str(i))
-        for i, name in enumerate("ABCDE")
-    ]
+    pairs = [make_pair(f"Box {name} has 4.", f"Box {name} has 5.", "4", "5", answers=(i, i + 100.0), pid=str(i)) for i, name in enumerate("ABCDE")]
     answers = {}
     for i, p in enumerate(pairs):
         answers[p.clean_question] = [p.clean_answer, p.clean_answer, 7e9, None, p.clean_answer + 1e-9][i]

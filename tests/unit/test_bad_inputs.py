@@ -40,8 +40,7 @@ def good(**changes) -> dict:
 def test_empty_pairs_file(tmp_path, capsys):
     path = tmp_path / "pairs.json"
     save_pairs(path, [], {})
-    assert fails(["patch", "--pairs", str(path), "--out", str(tmp_path / "run")], capsys) == (
-        2, "error: --pairs: no pairs; accepted: a pairs file with at least one pair (interp pairs writes one)")
+    assert fails(["patch", "--pairs", str(path), "--out", str(tmp_path / "run")], capsys) == (2, "error: --pairs: no pairs; accepted: a pairs file with at least one pair (interp pairs writes one)")
     assert not (tmp_path / "run").exists()
 
 
@@ -56,8 +55,7 @@ def test_non_finite_answer(tmp_path, capsys):
 
 def test_duplicate_pair_ids(tmp_path, capsys):
     path = pairs_file(tmp_path, [good(id="p"), good(id="p")])
-    assert fails(["patch", "--pairs", path, "--out", str(tmp_path / "run")], capsys) == (
-        2, "error: --pairs: pair id 'p' occurs 2 times; accepted: unique pair ids")
+    assert fails(["patch", "--pairs", path, "--out", str(tmp_path / "run")], capsys) == (2, "error: --pairs: pair id 'p' occurs 2 times; accepted: unique pair ids")
     assert not (tmp_path / "run").exists()
 
 
@@ -65,8 +63,10 @@ def test_pair_whose_prompts_tokenize_identically(tmp_path, capsys):
     record = good(id="same")
     record["corrupted_question"] = record["clean_question"]
     path = pairs_file(tmp_path, [good(id="ok"), record])
-    message = ("error: --pairs: 1 of 2 pairs cannot be patched on this model; first: pair 'same': its prompts do not align under "
-               "the model's tokenizer (same_tokens); accepted: prompts of equal token length differing only in the changed number")
+    message = (
+        "error: --pairs: 1 of 2 pairs cannot be patched on this model; first: pair 'same': its prompts do not align under "
+        "the model's tokenizer (same_tokens); accepted: prompts of equal token length differing only in the changed number"
+    )
     assert fails(["patch", "--pairs", path, "--out", str(tmp_path / "run")], capsys) == (2, message)
     assert not (tmp_path / "run").exists()
 

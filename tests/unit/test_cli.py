@@ -69,8 +69,7 @@ def test_run_over_several_checkpoints_writes_a_run_each_and_a_comparison(tmp_pat
     shutil.copy(EMBEDDED_DIR / "model.safetensors", second)
     first = str(EMBEDDED_DIR / "model.safetensors")
     out = tmp_path / "cmp"
-    main(["run", "--checkpoints", f"{first},{second}", "--base", str(EMBEDDED_DIR / "base"), "--n", "2", "--layers", "1", "--kinds", "all",
-          "--strategy", "parallel,iterative", "--out", str(out)])
+    main(["run", "--checkpoints", f"{first},{second}", "--base", str(EMBEDDED_DIR / "base"), "--n", "2", "--layers", "1", "--kinds", "all", "--strategy", "parallel,iterative", "--out", str(out)])
     runs = sorted(p for p in out.iterdir() if p.is_dir())
     assert len(runs) == 2 and (out / "pairs.json").exists() and (out / "comparison.html").exists()
     rows = [{r["test_id"]: r["logit_diff"] for r in map(json.loads, (run / "results.jsonl").read_text().splitlines())} for run in runs]

@@ -47,7 +47,11 @@ def snapshot(directory) -> dict[str, bytes] | None:
         (["--layers", "1,x"], 2, "error: --layers 1,x: accepted: comma-separated layer numbers, e.g. 0,2,3"),
         (["--kinds", "single,pairs"], 2, "error: --kinds single,pairs: 'pairs' is not valid; accepted: single,all,cumulative"),
         (["--strategy", "parallel,parallel"], 2, "error: --strategy parallel,parallel: parallel is listed twice; give each once"),
-        (["--hook", "blocks.{X}.hook_resid_post"], 2, "error: --hook 'blocks.{X}.hook_resid_post': a template may hold only {L} (the layer) in braces; accepted: a family (resid_pre|resid_mid|resid_post|attn_out|mlp_out) or a template with {L} like 'blocks.{L}.attn.hook_z'"),
+        (
+            ["--hook", "blocks.{X}.hook_resid_post"],
+            2,
+            "error: --hook 'blocks.{X}.hook_resid_post': a template may hold only {L} (the layer) in braces; accepted: a family (resid_pre|resid_mid|resid_post|attn_out|mlp_out) or a template with {L} like 'blocks.{L}.attn.hook_z'",  # noqa: E501
+        ),
     ],
 )
 def test_bad_argument_is_one_line_and_writes_nothing(pairs_file, tmp_path, capsys, extra, status, message):
@@ -88,7 +92,10 @@ def test_base_config_that_is_not_json(tmp_path, capsys):
     base.mkdir()
     (base / "config.json").write_text("{not json")
     code, err = fails(["patch", "--pairs", "p.json", "--checkpoint", str(tmp_path), "--base", str(base), "--out", str(tmp_path / "run")], capsys)
-    assert (code, err) == (2, f"error: --base {base}: {base / 'config.json'} is not JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1)); accepted: a Hugging Face model directory")
+    assert (code, err) == (
+        2,
+        f"error: --base {base}: {base / 'config.json'} is not JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1)); accepted: a Hugging Face model directory",
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -101,7 +108,7 @@ def test_resume_with_other_arguments_is_refused_and_changes_nothing(pairs_file, 
     assert (code, err) == (2, f"error: --out {out} holds another experiment, differing in config.layers ([1] -> [2]); pass --force-new to start over or choose another --out")
     assert snapshot(out) == before
     code, err = fails(["patch", "--pairs", str(pairs_file), "--out", str(out), "--layers", "1", "--kinds", "all", "--dtype", "bfloat16"], capsys)
-    assert code == 2 and err.startswith(f"error: --out {out} holds another experiment, differing in model.dtype (\"float32\" -> \"bfloat16\"), ")
+    assert code == 2 and err.startswith(f'error: --out {out} holds another experiment, differing in model.dtype ("float32" -> "bfloat16"), ')
     assert snapshot(out) == before
     main(["patch", "--pairs", str(pairs_file), "--out", str(out), "--layers", "2", "--kinds", "all", "--force-new"])
     assert snapshot(out)["results.jsonl"] != before["results.jsonl"]

@@ -69,9 +69,7 @@ def assert_same(model, fast, ref, clean, family=None, positions=None):
             assert (fast.cache[name][0, positions] - ref.cache[name][0, positions]).abs().max() < TOL
 
 
-@pytest.mark.parametrize(
-    "strategy,family", [("parallel", "hook_resid_post"), ("iterative", "hook_resid_post"), ("iterative", "attn.hook_z"), ("feedback", "hook_resid_post")]
-)
+@pytest.mark.parametrize("strategy,family", [("parallel", "hook_resid_post"), ("iterative", "hook_resid_post"), ("iterative", "attn.hook_z"), ("feedback", "hook_resid_post")])
 def test_batches_mixing_hooks_and_latent_sets_match_reference(model, pair_traces, strategy, family):
     pt = pair_traces
     c = pt.corrupted

@@ -121,9 +121,17 @@ def test_patch_matches_reference_hook_patching(tiny_gpt2_codi, model, traces, st
     tail = model.prefix_ids().tolist()
     clean_embeds = ref.sequence_embeds(tok(CLEAN_Q)["input_ids"], clean.latents, tail, bot=model.bot_id, eot=model.eot_id)
     logits, fed = reference_patch(
-        ref, tok(CORRUPTED_Q)["input_ids"], corrupted.latents, module_outputs(ref, clean_embeds, module, layer), tail,
-        module=module, layer=layer, positions=[corrupted.latent_positions[t] for t in latents], strategy=strategy,
-        bot=model.bot_id, eot=model.eot_id,
+        ref,
+        tok(CORRUPTED_Q)["input_ids"],
+        corrupted.latents,
+        module_outputs(ref, clean_embeds, module, layer),
+        tail,
+        module=module,
+        layer=layer,
+        positions=[corrupted.latent_positions[t] for t in latents],
+        strategy=strategy,
+        bot=model.bot_id,
+        eot=model.eot_id,
     )
     torch.testing.assert_close(result.answer_logits, logits, rtol=TOL, atol=TOL)
     torch.testing.assert_close(result.latents, fed, rtol=TOL, atol=TOL)
@@ -180,10 +188,7 @@ MALFORMED = {
     ),
     "Linear-shaped LoRA on a Conv1D": (
         _replace(H0 + "mlp.c_fc.lora_B.default.weight", lambda v: torch.zeros(64, 8)),
-        (
-            "mis-shaped LoRA for transformer.h.0.mlp.c_fc: lora_A (8, 64), lora_B (64, 8), base weight (64, 256) "
-            "(Conv1D [in, out]); expected lora_A (r, 64) and lora_B (256, r)"
-        ),
+        ("mis-shaped LoRA for transformer.h.0.mlp.c_fc: lora_A (8, 64), lora_B (64, 8), base weight (64, 256) (Conv1D [in, out]); expected lora_A (r, 64) and lora_B (256, r)"),
     ),
     "position embeddings missing": (
         lambda s: {k: v for k, v in s.items() if not k.endswith("wpe.weight")},

@@ -94,8 +94,10 @@ def test_question_numbers_formats():
         ("150", 150.0, True, True),
         ("4.00", 4.0, False, True),  # money with .00 is an integer
         ("2.5", 2.5, False, False),  # decimals are skipped
-        ("1", 1.0, False, False), ("2", 2.0, False, False),  # a fraction
-        ("7", 7.0, False, False), ("11", 11.0, False, False),  # a time
+        ("1", 1.0, False, False),
+        ("2", 2.0, False, False),  # a fraction
+        ("7", 7.0, False, False),
+        ("11", 11.0, False, False),  # a time
         ("3", 3.0, False, False),  # an ordinal
         ("1", 1.0, False, False),  # glued to a letter
         ("30", 30.0, False, True),  # a unit after the number is fine
@@ -255,11 +257,9 @@ def test_counts_form_a_funnel(rows, tmp_path):
     counts = Counter()
     pairs = gsm8k_pairs(write_jsonl(tmp_path / "t.jsonl", rows[:150]), counts=counts)
     drops = lambda *names: sum(counts[f"drop.{n}"] for n in names)  # noqa: E731
-    problem_drops = drops("no_annotations", "bad_annotation", "inconsistent_chain", "final_mismatch",
-                          "selection_step", "untraced_literal", "unannotated_step")
+    problem_drops = drops("no_annotations", "bad_annotation", "inconsistent_chain", "final_mismatch", "selection_step", "untraced_literal", "unannotated_step")
     assert counts["read"] - problem_drops == counts["chain_consistent"]
-    assert counts["chain_consistent"] - drops("no_changeable_number", "number_not_in_chain", "ambiguous") \
-        == counts["number_traced"]
+    assert counts["chain_consistent"] - drops("no_changeable_number", "number_not_in_chain", "ambiguous") == counts["number_traced"]
     assert counts["number_traced"] - drops("answer_unchanged", "not_nice") == counts["corrupted"] == len(pairs)
     assert list(counts)[:3] == ["read", "drop.no_annotations", "drop.bad_annotation"]  # printing order
     assert counts["numbers.seen"] >= counts["numbers.skipped"] > 0

@@ -58,7 +58,11 @@ def test_official_ids_resolve_to_snapshots_with_their_default_base(hub, tiny_gpt
     model = load_codi("zen-E/CODI-gpt2", device="cpu")  # base defaults to gpt2
     opts = model.load_options
     assert opts["checkpoint"] == {
-        "ref": "zen-E/CODI-gpt2", "path": str(ckpt / "pytorch_model.bin"), "repo_id": "zen-E/CODI-gpt2", "revision": None, "commit": COMMIT_A,
+        "ref": "zen-E/CODI-gpt2",
+        "path": str(ckpt / "pytorch_model.bin"),
+        "repo_id": "zen-E/CODI-gpt2",
+        "revision": None,
+        "commit": COMMIT_A,
     }
     assert opts["base"]["path"] == str(base) and opts["base"]["commit"] == COMMIT_B
     assert (opts["model_type"], opts["lora_alpha"], opts["lora_rank"], opts["remove_eos"]) == ("gpt2", 32.0, 8, True)

@@ -19,9 +19,7 @@ def assert_matches_reference(model, ref, tokenizer, questions):
     for q in questions:
         gen = model.generate(q, max_new_tokens=MAX_NEW)
         ids = tokenizer(q)["input_ids"]
-        latents, answer = ref.generate(
-            ids, bot=model.bot_id, eot=model.eot_id, eos=model.eos_id, num_latents=model.num_latents, max_new_tokens=MAX_NEW
-        )
+        latents, answer = ref.generate(ids, bot=model.bot_id, eot=model.eot_id, eos=model.eos_id, num_latents=model.num_latents, max_new_tokens=MAX_NEW)
         assert gen.question_ids.tolist() == ids
         assert gen.answer_ids.tolist() == answer
         assert gen.latents.shape == (6, model.cfg.d_model)

@@ -89,11 +89,19 @@ def test_patch_matches_reference(setup, strategy):
     for layer, latents in SITES:
         positions = [len(corrupted_ids) + 1 + t for t in latents]
         want_logits, want_latents = reference_patch(
-            ref, corrupted_ids, corrupted_latents, clean_outputs[layer], tail,
-            module="layer", layer=layer, positions=positions, strategy=strategy, bot=ids["bot"], eot=ids["eot"],
+            ref,
+            corrupted_ids,
+            corrupted_latents,
+            clean_outputs[layer],
+            tail,
+            module="layer",
+            layer=layer,
+            positions=positions,
+            strategy=strategy,
+            bot=ids["bot"],
+            eot=ids["eot"],
         )
-        got = nnsight_patch(codi, corrupted_ids, corrupted.latents, clean.layer_outputs[layer], tail,
-                            layer=layer, latents=latents, strategy=strategy, max_new_tokens=MAX_NEW)
+        got = nnsight_patch(codi, corrupted_ids, corrupted.latents, clean.layer_outputs[layer], tail, layer=layer, latents=latents, strategy=strategy, max_new_tokens=MAX_NEW)
         assert float((got.logits - want_logits).abs().max()) < TOL, (layer, latents)
         assert float((got.latents - want_latents).abs().max()) < TOL, (layer, latents)
         want_answer = reference_patched_answer(ref, ids, corrupted_ids, want_latents, layer, positions, clean_outputs[layer][positions])
@@ -120,8 +128,17 @@ def test_gpt2(tiny_gpt2_codi):
         for layer, patched in [(0, (0,)), (2, (3,)), (1, (0, 1, 2, 3, 4, 5))]:
             positions = [len(corrupted_ids) + 1 + t for t in patched]
             want_logits, want_latents = reference_patch(
-                ref, corrupted_ids, corrupted.latents, outputs[layer], tail,
-                module="layer", layer=layer, positions=positions, strategy=strategy, bot=ids["bot"], eot=ids["eot"],
+                ref,
+                corrupted_ids,
+                corrupted.latents,
+                outputs[layer],
+                tail,
+                module="layer",
+                layer=layer,
+                positions=positions,
+                strategy=strategy,
+                bot=ids["bot"],
+                eot=ids["eot"],
             )
             got = nnsight_patch(codi, corrupted_ids, corrupted.latents, clean.layer_outputs[layer], tail, layer=layer, latents=patched, strategy=strategy)
             assert float((got.logits - want_logits).abs().max()) < TOL, (strategy, layer, patched)

@@ -82,13 +82,11 @@ def without(d: dict, key: str) -> dict:
         (edited(version=2), r"has version 2; this code reads version 1, regenerate"),
         (edited(version="1"), r"has version '1'; this code reads version 1"),
         (edited(pairs={"a": 1}), r"needs a 'meta' object and a 'pairs' list"),
-        (edited(pairs=[without(PAIR.to_dict(), "corrupted_answer")]),
-         r"pair #0 \('gsm8k-test-0'\) in .* is missing field\(s\) corrupted_answer; regenerate"),
+        (edited(pairs=[without(PAIR.to_dict(), "corrupted_answer")]), r"pair #0 \('gsm8k-test-0'\) in .* is missing field\(s\) corrupted_answer; regenerate"),
         (edited(pairs=[{**PAIR.to_dict(), "change": {"old": "16", "new": "20"}}]), r"missing field\(s\) change.span"),
         (edited(pairs=[{**PAIR.to_dict(), "clean_answer": "many"}]), r"pair #0 .* has a malformed field"),
         (edited(pairs=[[1]]), r"pair #0 in .* is not an object"),
-        (edited(pairs=[{**PAIR.to_dict(), "corrupted_answer": 18}]),
-         r"pair #0 .* has equal clean and corrupted answers \(18\); a pair must change the answer"),
+        (edited(pairs=[{**PAIR.to_dict(), "corrupted_answer": 18}]), r"pair #0 .* has equal clean and corrupted answers \(18\); a pair must change the answer"),
     ],
 )
 def test_load_errors_name_the_problem_and_the_fix(tmp_path, data, message):

@@ -27,8 +27,17 @@ def reference(ref, model, clean, corrupted, module, layer, latents, strategy):
     clean_embeds = ref.sequence_embeds(tok(CLEAN_Q)["input_ids"], clean.latents, tail, bot=model.bot_id, eot=model.eot_id)
     clean_out = module_outputs(ref, clean_embeds, module, layer)
     return reference_patch(
-        ref, tok(CORRUPTED_Q)["input_ids"], corrupted.latents, clean_out, tail, module=module, layer=layer,
-        positions=[corrupted.latent_positions[t] for t in latents], strategy=strategy, bot=model.bot_id, eot=model.eot_id,
+        ref,
+        tok(CORRUPTED_Q)["input_ids"],
+        corrupted.latents,
+        clean_out,
+        tail,
+        module=module,
+        layer=layer,
+        positions=[corrupted.latent_positions[t] for t in latents],
+        strategy=strategy,
+        bot=model.bot_id,
+        eot=model.eot_id,
     )
 
 

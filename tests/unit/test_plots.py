@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 import torch
 
-from interp.plots import difference_heatmap, heatmap, latent_decoding_table, layer_lines, load_results, select, similarity_heatmap
 from interp.plan import latent_sets
+from interp.plots import difference_heatmap, heatmap, latent_decoding_table, layer_lines, load_results, select, similarity_heatmap
 from interp.stats import summarize
 from interp.sweep import SweepConfig
 
@@ -39,13 +39,27 @@ def make_rows(n_pairs: int = 4, layers=LAYERS, k: int = K, seed: int = 0) -> lis
                         hook = f"blocks.{layer}.hook_resid_post"
                         row = {
                             "test_id": f"p{p}|{hook}|{kind}|{','.join(map(str, lat))}|{strategy}",
-                            "pair_id": f"p{p}", "hook": hook, "layer": layer, "kind": kind, "latents": list(lat), "k": len(lat),
-                            "position": f"latent[{lat[0]}]" if kind == "single" else None, "strategy": strategy,
-                            "logit_diff": rng.gauss(0, 2), "clean_logit_diff": 3.0, "corrupted_logit_diff": -1.0,
-                            "normalized_effect": rng.gauss(0.5, 0.3), "kl": rng.expovariate(1.0), "flip": rng.random() < 0.4,
-                            "patched_answer": 1.0, "clean_answer": 1.0, "corrupted_answer": 2.0,
+                            "pair_id": f"p{p}",
+                            "hook": hook,
+                            "layer": layer,
+                            "kind": kind,
+                            "latents": list(lat),
+                            "k": len(lat),
+                            "position": f"latent[{lat[0]}]" if kind == "single" else None,
+                            "strategy": strategy,
+                            "logit_diff": rng.gauss(0, 2),
+                            "clean_logit_diff": 3.0,
+                            "corrupted_logit_diff": -1.0,
+                            "normalized_effect": rng.gauss(0.5, 0.3),
+                            "kl": rng.expovariate(1.0),
+                            "flip": rng.random() < 0.4,
+                            "patched_answer": 1.0,
+                            "clean_answer": 1.0,
+                            "corrupted_answer": 2.0,
                             "latent_cos": [rng.uniform(0.5, 1) for _ in range(k)],
-                            "sim_positions": SIM_POSITIONS, "sim_cos": matrix(0.5, 1.0), "sim_rel_l2": matrix(0.0, 1.0),
+                            "sim_positions": SIM_POSITIONS,
+                            "sim_cos": matrix(0.5, 1.0),
+                            "sim_rel_l2": matrix(0.0, 1.0),
                         }
                         if strategy == "iterative":
                             row["par_cos"], row["par_rel_l2"] = matrix(0.8, 1.0), matrix(0.0, 0.5)
@@ -58,14 +72,21 @@ def write_run(out: Path, n_pairs: int = 4) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     rows = make_rows(n_pairs)
     config = SweepConfig(bootstrap=200)
-    checks = lambda bad: {f"{c}/{s}": {"max_abs_diff": 0.5 if bad and c == "all_inputs_is_clean" else 0.0, "passed": not (bad and c == "all_inputs_is_clean")}
-                          for s in ("parallel", "iterative") for c in ("nothing_is_corrupted", "all_inputs_is_clean", "clean_into_clean_is_clean")}
+    checks = lambda bad: {
+        f"{c}/{s}": {"max_abs_diff": 0.5 if bad and c == "all_inputs_is_clean" else 0.0, "passed": not (bad and c == "all_inputs_is_clean")}
+        for s in ("parallel", "iterative")
+        for c in ("nothing_is_corrupted", "all_inputs_is_clean", "clean_into_clean_is_clean")
+    }
     validity = [{"pair_id": f"p{p}", "checks": checks(p == 1), "passed": p != 1} for p in range(n_pairs)]
     (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (out / "validity.jsonl").write_text("".join(json.dumps(v) + "\n" for v in validity))
     (out / "summary.json").write_text(json.dumps(summarize(rows, validity, config)))
-    run = {"config": {"hook": "resid_post", "strategies": ["parallel", "iterative"], "kinds": ["single", "all", "cumulative"], "layers": list(LAYERS), "seed": 0, "bootstrap": 200},
-           "pairs": n_pairs, "pair_ids": [f"p{p}" for p in range(n_pairs)], "model": {"n_layers": N_MODEL_LAYERS, "num_latents": K}}
+    run = {
+        "config": {"hook": "resid_post", "strategies": ["parallel", "iterative"], "kinds": ["single", "all", "cumulative"], "layers": list(LAYERS), "seed": 0, "bootstrap": 200},
+        "pairs": n_pairs,
+        "pair_ids": [f"p{p}" for p in range(n_pairs)],
+        "model": {"n_layers": N_MODEL_LAYERS, "num_latents": K},
+    }
     (out / "run.json").write_text(json.dumps(run))
     return out
 
@@ -135,8 +156,19 @@ def constructed_differences() -> pd.DataFrame:
                 diff = {(0, 1): 0.5 + 0.01 * p, (1, 2): -0.3 - 0.02 * p}.get((layer, t), noise[p])
                 base = 0.1 * p + layer
                 for strategy, value in (("parallel", base), ("iterative", base + diff)):
-                    rows.append({"pair_id": f"p{p}", "hook": f"blocks.{layer}.hook_resid_post", "layer": layer, "kind": "single",
-                                 "latents": [t], "k": 1, "position": f"latent[{t}]", "strategy": strategy, "normalized_effect": value})
+                    rows.append(
+                        {
+                            "pair_id": f"p{p}",
+                            "hook": f"blocks.{layer}.hook_resid_post",
+                            "layer": layer,
+                            "kind": "single",
+                            "latents": [t],
+                            "k": 1,
+                            "position": f"latent[{t}]",
+                            "strategy": strategy,
+                            "normalized_effect": value,
+                        }
+                    )
     return pd.DataFrame(rows)
 
 

@@ -48,8 +48,16 @@ def test_patch_matches_reference(codi, strategy):
     kw = {"bot": model.bot_id, "eot": model.eot_id, "eos": model.eos_id, "remove_eos": False}
     clean_out = module_outputs(ref, ref.sequence_embeds(tok(CLEAN_Q)["input_ids"], clean.latents, tail, **kw), "layer", 1)
     logits, fed = reference_patch(
-        ref, tok(CORRUPTED_Q)["input_ids"], corrupted.latents, clean_out, tail, module="layer", layer=1,
-        positions=[corrupted.latent_positions[1]], strategy=strategy, **kw,
+        ref,
+        tok(CORRUPTED_Q)["input_ids"],
+        corrupted.latents,
+        clean_out,
+        tail,
+        module="layer",
+        layer=1,
+        positions=[corrupted.latent_positions[1]],
+        strategy=strategy,
+        **kw,
     )
     torch.testing.assert_close(result.answer_logits, logits, rtol=TOL, atol=TOL)
     torch.testing.assert_close(result.latents, fed, rtol=TOL, atol=TOL)

@@ -51,8 +51,7 @@ def test_report_shows_similarity_for_every_latent_set_and_says_which_layer_is_re
 
 def test_page_defines_every_metric_and_shows_examples(tmp_path):
     run = write_run(tmp_path / "run")
-    examples = [{"question": "7 +5", "answer": "The answer is : 2", "intermediates": [2.0],
-                 "latents": [{"state": [["2", 0.9]], "embedding": [["7", 0.5]]}]}]
+    examples = [{"question": "7 +5", "answer": "The answer is : 2", "intermediates": [2.0], "latents": [{"state": [["2", 0.9]], "embedding": [["7", 0.5]]}]}]
     (run / "examples.json").write_text(json.dumps(examples))
     page = write_report(run).read_text()
     for name in ("normalized_effect", "logit_diff", "kl", "flip", "sim_cos / sim_rel_l2", "latent_cos", "changed slot"):

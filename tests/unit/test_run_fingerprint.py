@@ -57,8 +57,8 @@ def test_resume_with_another_fingerprint_is_refused_naming_the_fields(tmp_path):
     with pytest.raises(UsageError) as info, open_run(out, other, {}):
         pass
     assert str(info.value) == (
-        f"--out {out} holds another experiment, differing in model.dtype (\"float32\" -> \"bfloat16\"), "
-        "pairs.sha256 (\"cdcdcdcdc…dcdcd\" -> \"efefefefe…fefef\"); pass --force-new to start over or choose another --out"
+        f'--out {out} holds another experiment, differing in model.dtype ("float32" -> "bfloat16"), '
+        'pairs.sha256 ("cdcdcdcdc…dcdcd" -> "efefefefe…fefef"); pass --force-new to start over or choose another --out'
     )
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written, the lock released
     with open_run(out, FP, {}):
@@ -112,11 +112,10 @@ def test_second_writer_in_this_process_is_refused(tmp_path):
 def test_second_process_is_refused_with_the_holders_pid(tmp_path):
     out = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", (
-            "import sys, time\nfrom interp.runio import open_run\n"
-            f"with open_run({str(out)!r}, {FP!r}, {{}}):\n    print('locked', flush=True)\n    sys.stdin.read()\n"
-        )],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        [sys.executable, "-c", (f"import sys, time\nfrom interp.runio import open_run\nwith open_run({str(out)!r}, {FP!r}, {{}}):\n    print('locked', flush=True)\n    sys.stdin.read()\n")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline() == "locked\n"

@@ -53,8 +53,22 @@ def stub_engine(setattr_) -> None:
             for s in config.strategies:
                 test_id = u.test_id(pair.id, hook, s)
                 value = int(hashlib.sha256(test_id.encode()).hexdigest()[:6], 16) / 2**24
-                unit.append({"test_id": test_id, "pair_id": pair.id, "hook": hook, "layer": u.layer, "kind": u.kind, "latents": list(u.latents),
-                             "strategy": s, "normalized_effect": value, "logit_diff": value, "kl": None, "flip": value > 0.5, "pad": "x" * 150})
+                unit.append(
+                    {
+                        "test_id": test_id,
+                        "pair_id": pair.id,
+                        "hook": hook,
+                        "layer": u.layer,
+                        "kind": u.kind,
+                        "latents": list(u.latents),
+                        "strategy": s,
+                        "normalized_effect": value,
+                        "logit_diff": value,
+                        "kl": None,
+                        "flip": value > 0.5,
+                        "pad": "x" * 150,
+                    }
+                )
             out.append(unit)
         return out
 
@@ -192,8 +206,7 @@ t.run_sweep(load_default(), arithmetic_pairs(2, seed=3), {out!r}, t.CONFIG, prog
 def test_real_sigkill_mid_append_and_mid_truncation_then_resume(model, pairs, tmp_path, monkeypatch, uninterrupted):
     out = tmp_path / "run"
     for budget, truncate in ((len(uninterrupted) // 3 + 17, None), (10**9, "before")):
-        proc = subprocess.run([sys.executable, "-c", SCRIPT.format(repo=str(REPO), out=str(out), budget=budget, truncate=truncate)],
-                              capture_output=True, text=True, timeout=120, check=False)
+        proc = subprocess.run([sys.executable, "-c", SCRIPT.format(repo=str(REPO), out=str(out), budget=budget, truncate=truncate)], capture_output=True, text=True, timeout=120, check=False)
         assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
         data = (out / "results.jsonl").read_bytes()
         assert not data.endswith(b"\n") and uninterrupted.startswith(data)  # killed mid-row; the torn tail still there

@@ -89,8 +89,7 @@ def _rows(effects: dict[str, list[float]]) -> list[dict]:
     rows = []
     for strategy, values in effects.items():
         for i, v in enumerate(values):
-            rows.append({"pair_id": f"p{i}", "strategy": strategy, "kind": "all", "layer": 0, "latents": [0, 1], "hook": "h",
-                         "normalized_effect": v, "logit_diff": v, "kl": 0.0, "flip": v > 0.5})
+            rows.append({"pair_id": f"p{i}", "strategy": strategy, "kind": "all", "layer": 0, "latents": [0, 1], "hook": "h", "normalized_effect": v, "logit_diff": v, "kl": 0.0, "flip": v > 0.5})
     return rows
 
 

@@ -65,7 +65,7 @@ def test_sequences_layout():
     assert names(t[bot + 1 : bot + 7]) == [str(v) for v in p.values]
     assert names(t[bot + 8 :]) == ["The", "answer", "is", ":", str(p.answer), "</s>"]
     assert D.student_answer_ids(p) == t[bot + 7 :]
-    assert names(D.direct_ids(p)) == names(t[: bot]) + ["The", "answer", "is", ":", str(p.answer), "</s>"]
+    assert names(D.direct_ids(p)) == names(t[:bot]) + ["The", "answer", "is", ":", str(p.answer), "</s>"]
 
 
 def test_training_batches_exclude_heldout():
@@ -94,9 +94,17 @@ def _expected_shapes(cfg) -> dict[str, tuple[int, ...]]:
     q, kv, m = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd, cfg.intermediate_size
     exp = {"codi.model.embed_tokens.weight": (cfg.vocab_size + 3, d), "codi.model.norm.weight": (d,)}
     for i in range(cfg.num_hidden_layers):
-        layer = {"self_attn.q_proj.weight": (q, d), "self_attn.k_proj.weight": (kv, d), "self_attn.v_proj.weight": (kv, d),
-                 "self_attn.o_proj.weight": (d, q), "mlp.gate_proj.weight": (m, d), "mlp.up_proj.weight": (m, d),
-                 "mlp.down_proj.weight": (d, m), "input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,)}
+        layer = {
+            "self_attn.q_proj.weight": (q, d),
+            "self_attn.k_proj.weight": (kv, d),
+            "self_attn.v_proj.weight": (kv, d),
+            "self_attn.o_proj.weight": (d, q),
+            "mlp.gate_proj.weight": (m, d),
+            "mlp.up_proj.weight": (m, d),
+            "mlp.down_proj.weight": (d, m),
+            "input_layernorm.weight": (d,),
+            "post_attention_layernorm.weight": (d,),
+        }
         exp.update({f"codi.model.layers.{i}.{k}": v for k, v in layer.items()})
     for name in ("1", "3"):
         exp[f"prj.{name}.weight"], exp[f"prj.{name}.bias"] = (d, d), (d,)
