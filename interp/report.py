@@ -20,6 +20,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
+from interp.engine import STRATEGIES
 from interp.plots import MIN_CI_PAIRS, difference_heatmap, heatmap, layer_lines, load_results, similarity_heatmap, slot_heatmap
 from interp.runio import read_jsonl
 from interp.stats import METRICS
@@ -56,11 +57,11 @@ def report_figures(df: pd.DataFrame, run: dict[str, Any]) -> list[tuple[str, go.
         figs += [(f"layers_{metric}_all", layer_lines(df, metric, "all", **ci)) for metric in ("normalized_effect", "kl")]
     if "single" in kinds and "changed_slot" in df and df["changed_slot"].notna().any():
         figs.append(("slots_normalized_effect_single", slot_heatmap(df, "normalized_effect", "single", **ci)))
-    for kind in kinds:  # the similarities of every patched latent set
+    for kind in kinds if "sim_cos" in df else ():  # the similarities of every patched latent set (when the run's metrics recorded them)
         for latents in sorted({tuple(x) for x in df.loc[df["kind"] == kind, "latents"]}):
             tag = f"{kind}_{'-'.join(map(str, latents))}"
-            figs += [(f"similarity_sim_cos_{s}_{tag}", similarity_heatmap(df, "sim_cos", s, kind, latents)) for s in ("parallel", "iterative") if s in strategies]
-            if both:
+            figs += [(f"similarity_sim_cos_{s}_{tag}", similarity_heatmap(df, "sim_cos", s, kind, latents)) for s in STRATEGIES if s in strategies]
+            if both and "par_cos" in df:
                 figs.append((f"similarity_par_cos_{tag}", similarity_heatmap(df, "par_cos", "iterative", kind, latents)))
     return figs
 
