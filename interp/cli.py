@@ -115,6 +115,15 @@ def build_pairs(args: argparse.Namespace, model) -> tuple[list, dict]:
     else:
         pairs = gsm8k_pairs(args.gsm8k, split=args.split, seed=args.seed, counts=counts["source"])
     aligned = [a.pair for a in align(pairs, model.tokenizer, counts=counts["align"])]
+    # the model filter generates: a question, its latents and 32 decoded tokens must fit the context
+    room = model.cfg.n_ctx - model.num_latents - 2 - 32
+    fits = [p for p in aligned if len(model.prompt_ids(p.clean_question)) <= room]
+    counts["align"]["drop.longer_than_context"] = len(aligned) - len(fits)
+    if aligned and not fits:
+        raise UsageError(
+            f"--source {args.source}: every question is longer than the model's context allows ({room} prompt tokens of n_ctx {model.cfg.n_ctx}); accepted: a source this model was trained for"
+        )
+    aligned = fits
     if args.filter:
         aligned = filter_by_model(model, aligned, both=True, counts=counts["model"])
     kept = aligned[: args.n]

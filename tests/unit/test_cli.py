@@ -77,3 +77,13 @@ def test_run_over_several_checkpoints_writes_a_run_each_and_a_comparison(tmp_pat
     comparison = json.loads((out / "comparison.json").read_text())
     assert set(comparison["verdicts"]) == {first, str(second)}
     assert {(c["checkpoint"], c["strategy"], c["metric"]) for c in comparison["cells"]} >= {(first, "iterative", "flip"), (str(second), "parallel", "normalized_effect")}
+
+
+def test_pairs_whose_questions_do_not_fit_the_context_are_refused_in_one_line(tmp_path, capsys):
+    """three-step questions tokenize to more than the embedded model's 64 positions allow: a usage error, no file."""
+    from interp.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["pairs", "--source", "three-step", "--n", "2", "--out", str(tmp_path / "p.json")])
+    assert info.value.code == 2 and not (tmp_path / "p.json").exists()
+    assert "error: --source three-step: every question is longer than the model's context allows (24 prompt tokens of n_ctx 64)" in capsys.readouterr().err
