@@ -423,6 +423,23 @@ class CodiModel:
                         kv_cache = select_rows(kv_cache, torch.tensor(keep, device=device))
         return [torch.tensor(g, dtype=torch.long) for g in generated]
 
+    def run_latents(self, questions: Sequence[str], fwd_hooks: Sequence[Hook] = ()) -> tuple[Tensor, TransformerLensKeyValueCache, list[int]]:
+        """Prefill [question, suffix, bot] (left-padded) and run the latent loop, `fwd_hooks` in every pass.
+
+        Returns (fed latents [batch, K, d_model], the KV cache after the last latent, each row's left padding).
+        """
+        embeds, mask, offsets = self.left_padded([self.prompt_ids(q) for q in questions])
+        kv_cache = TransformerLensKeyValueCache.init_cache(self.cfg, self.device, len(questions))
+        out = self.forward(embeds, kv_cache=kv_cache, attention_mask=mask, fwd_hooks=fwd_hooks, logit_positions=[], offsets=offsets)
+        latents = torch.zeros(len(questions), self.num_latents, self.cfg.d_model, dtype=embeds.dtype, device=self.device)
+        latents[:, 0] = self.project(out.final[:, -1]).to(latents)
+
+        def hooks(start: int, length: int) -> Sequence[Hook]:
+            return fwd_hooks
+
+        self.latent_steps(latents, kv_cache, 0, embeds.shape[1], hooks=hooks, offsets=offsets)
+        return latents, kv_cache, offsets
+
     @torch.no_grad()
     def generate_batch(self, questions: Sequence[str], max_new_tokens: int = 32, fwd_hooks: Sequence[Hook] = ()) -> list[Generation]:
         """The official evaluation loop for many questions at once (left padding, KV cache).
@@ -431,21 +448,10 @@ class CodiModel:
         act at each question's own absolute positions.
         """
         q_ids = [self.encode(q) for q in questions]
-        prompts = [self.prompt_ids(q) for q in questions]
-        embeds, mask, offsets = self.left_padded(prompts)
-        width = embeds.shape[1]
-        kv_cache = TransformerLensKeyValueCache.init_cache(self.cfg, self.device, len(prompts))
-        out = self.forward(embeds, kv_cache=kv_cache, attention_mask=mask, fwd_hooks=fwd_hooks, logit_positions=[], offsets=offsets)
-        latents = torch.zeros(len(prompts), self.num_latents, self.cfg.d_model, dtype=embeds.dtype, device=self.device)
-        latents[:, 0] = self.project(out.final[:, -1]).to(latents)
-
-        def hooks(start: int, length: int) -> Sequence[Hook]:
-            return fwd_hooks
-
-        self.latent_steps(latents, kv_cache, 0, width, hooks=hooks, offsets=offsets)
+        latents, kv_cache, offsets = self.run_latents(questions, fwd_hooks)
         tail = self.tail_ids()[: 1 + len(self.eot_suffix_ids)]  # eot and its suffix: fed, not generated
-        col = width + self.num_latents
-        out = self.forward(self.embed(tail.expand(len(prompts), -1)), kv_cache=kv_cache, fwd_hooks=fwd_hooks, logit_positions=[len(tail) - 1], start=col, offsets=offsets)
+        col = kv_cache.previous_attention_mask.shape[1]
+        out = self.forward(self.embed(tail.expand(len(questions), -1)), kv_cache=kv_cache, fwd_hooks=fwd_hooks, logit_positions=[len(tail) - 1], start=col, offsets=offsets)
         answers = self.greedy_decode(out.logits, None, kv_cache, max_new_tokens=max_new_tokens, fwd_hooks=fwd_hooks, offsets=offsets)
         result = []
         for ids, lat, ans in zip(q_ids, latents.cpu(), answers):
@@ -535,17 +541,19 @@ class CodiModel:
         As TransformerLens's `run_with_cache`, over the sequence `trace` builds; hooks (plain or
         `at_positions`) act in the loop and in the cached pass.
         """
-        gen = self.generate(question, fwd_hooks=fwd_hooks)
-        tokens, embeds = self.sequence(gen.question_ids, gen.latents, self._answer_ids(answer))
-        out = self.forward(embeds[None], fwd_hooks=fwd_hooks, with_cache=True, names_filter=names_filter)
+        out = self._hooked_pass(question, answer, fwd_hooks, with_cache=True, names_filter=names_filter)
         return out.logits, out.cache
 
     @torch.no_grad()
     def run_with_hooks(self, question: str, fwd_hooks: Sequence[Hook] = (), *, answer: float | str | Tensor | None = None) -> Tensor:
         """The real latent loop with `fwd_hooks`, then eot and the answer prefix: logits [1, seq, d_vocab]."""
-        gen = self.generate(question, fwd_hooks=fwd_hooks)
-        tokens, embeds = self.sequence(gen.question_ids, gen.latents, self._answer_ids(answer))
-        return self.forward(embeds[None], fwd_hooks=fwd_hooks).logits
+        return self._hooked_pass(question, answer, fwd_hooks).logits
+
+    def _hooked_pass(self, question: str, answer, fwd_hooks: Sequence[Hook], **forward_kwargs) -> ForwardOutput:
+        """The hooked latent loop (no decoding), then one teacher-forced pass with the same hooks over the sequence."""
+        latents, _, _ = self.run_latents([question], fwd_hooks)
+        _, embeds = self.sequence(self.encode(question), latents[0], self._answer_ids(answer))
+        return self.forward(embeds[None], fwd_hooks=fwd_hooks, **forward_kwargs)
 
     # ------------------------------------------------------------------ latent decoding
 
