@@ -148,6 +148,42 @@ def _n_pairs(rows: pd.DataFrame) -> int:
 # ----------------------------------------------------------------------------- figures
 
 
+def _strategy_panels(stats: pd.DataFrame, ys: list[int], kind: str, metric: str, row_name: str = "layer", named: bool = True) -> go.Figure:
+    """One heatmap per strategy of `cell_stats` rows keyed by `layer` (the y axis, values `ys`) and `column`,
+    on one colour scale; hover names the y value `row_name`; `named`: each trace named by its strategy."""
+    strategies = _strategies(stats["strategy"].unique())
+    columns = sorted(int(x) for x in stats["column"].unique())
+    zmin, zmax = _colour_range(metric, stats["mean"].tolist())
+    fig = make_subplots(rows=1, cols=len(strategies), subplot_titles=strategies, shared_yaxes=True, horizontal_spacing=0.05)
+    for i, s in enumerate(strategies):
+        at = stats[stats["strategy"] == s]
+        z, hover = _grid(at, ys, columns, kind)
+        if row_name != "layer":
+            hover = [[h.replace("layer ", f"{row_name} ", 1) for h in row] for row in hover]
+        fig.add_trace(
+            go.Heatmap(
+                z=z,
+                x=[column_label(kind, c) for c in columns],
+                y=ys,
+                zmin=zmin,
+                zmax=zmax,
+                colorscale="Viridis",
+                showscale=i == len(strategies) - 1,
+                colorbar={"title": {"text": metric}},
+                customdata=hover,
+                hovertemplate="%{customdata}<extra>" + s + "</extra>",
+                text=_cell_text(at, ys, columns),
+                texttemplate="%{text}",
+                name=s if named else None,
+            ),
+            row=1,
+            col=i + 1,
+        )
+    fig.update_xaxes(title_text=X_TITLES[kind], type="category")
+    fig.update_yaxes(type="category")
+    return fig
+
+
 def heatmap(df: pd.DataFrame, metric: str = "normalized_effect", strategy: str | None = None, kind: str = "single", *, n_resamples: int = N_RESAMPLES, seed: int = 0) -> go.Figure:
     """Layer x latent heatmap of a metric's mean across pairs, one subplot per strategy.
 
@@ -160,33 +196,7 @@ def heatmap(df: pd.DataFrame, metric: str = "normalized_effect", strategy: str |
     stats = cell_stats(rows, metric, n_resamples, seed, GRID)
     strategies = _strategies(stats["strategy"].unique())
     layers = sorted(int(x) for x in stats["layer"].unique())
-    columns = sorted(int(x) for x in stats["column"].unique())
-    labels = [column_label(kind, c) for c in columns]
-    zmin, zmax = _colour_range(metric, stats["mean"].tolist())
-    fig = make_subplots(rows=1, cols=len(strategies), subplot_titles=strategies, shared_yaxes=True, horizontal_spacing=0.05)
-    for i, s in enumerate(strategies):
-        z, hover = _grid(stats[stats["strategy"] == s], layers, columns, kind)
-        fig.add_trace(
-            go.Heatmap(
-                z=z,
-                x=labels,
-                y=layers,
-                zmin=zmin,
-                zmax=zmax,
-                colorscale="Viridis",
-                showscale=i == len(strategies) - 1,
-                colorbar={"title": {"text": metric}},
-                customdata=hover,
-                hovertemplate="%{customdata}<extra>" + s + "</extra>",
-                text=_cell_text(stats[stats["strategy"] == s], layers, columns),
-                texttemplate="%{text}",
-                name=s,
-            ),
-            row=1,
-            col=i + 1,
-        )
-    fig.update_xaxes(title_text=X_TITLES[kind], type="category")
-    fig.update_yaxes(type="category")
+    fig = _strategy_panels(stats, layers, kind, metric)
     fig.update_yaxes(title_text="layer", row=1, col=1)
     shown = "rate" if metric == "flip" else "mean"
     fig.update_layout(
@@ -390,35 +400,8 @@ def slot_heatmap(df: pd.DataFrame, metric: str = "normalized_effect", kind: str 
     rows["slot"] = rows["changed_slot"].astype(int)
     stats = cell_stats(rows, metric, n_resamples, seed, ("strategy", "slot", "column"))
     stats = stats.rename(columns={"slot": "layer"})  # the grid helpers key rows by `layer`
-    strategies = _strategies(stats["strategy"].unique())
     slots = sorted(int(x) for x in stats["layer"].unique())
-    columns = sorted(int(x) for x in stats["column"].unique())
-    zmin, zmax = _colour_range(metric, stats["mean"].tolist())
-    fig = make_subplots(rows=1, cols=len(strategies), subplot_titles=strategies, shared_yaxes=True, horizontal_spacing=0.05)
-    for i, s in enumerate(strategies):
-        at = stats[stats["strategy"] == s]
-        z, hover = _grid(at, slots, columns, kind)
-        hover = [[h.replace("layer ", "changed slot ", 1) for h in row] for row in hover]
-        fig.add_trace(
-            go.Heatmap(
-                z=z,
-                x=[column_label(kind, c) for c in columns],
-                y=slots,
-                zmin=zmin,
-                zmax=zmax,
-                colorscale="Viridis",
-                showscale=i == len(strategies) - 1,
-                colorbar={"title": {"text": metric}},
-                customdata=hover,
-                hovertemplate="%{customdata}<extra>" + s + "</extra>",
-                text=_cell_text(at, slots, columns),
-                texttemplate="%{text}",
-            ),
-            row=1,
-            col=i + 1,
-        )
-    fig.update_xaxes(title_text=X_TITLES[kind], type="category")
-    fig.update_yaxes(type="category")
+    fig = _strategy_panels(stats, slots, kind, metric, row_name="changed slot", named=False)
     fig.update_yaxes(title_text="changed slot of the pair", row=1, col=1)
     fig.update_layout(
         title=f"{metric} by the number the pair changed, {kind} patch at layer {layer}; hook {hook_family(rows)}; n = {_n_pairs(rows)} pairs{_few_pairs_note(stats)}",
