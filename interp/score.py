@@ -137,12 +137,12 @@ def validity_checks(model: CodiModel, pt: PairTraces, strategies: Sequence[str] 
     patches latent positions only, is checked with nothing patched.
     """
     every = (Site("blocks.0.hook_resid_pre", tuple(range(pt.corrupted.seq_len))),)
-    cases = {"nothing_is_corrupted": ((), pt.corrupted, pt.corrupted), "all_inputs_is_clean": (every, pt.corrupted, pt.clean), "clean_into_clean_is_clean": (every, pt.clean, pt.clean)}
+    # (sites, pair: 0 = corrupted <- clean, 1 = clean <- clean, the run expected)
+    cases = {"nothing_is_corrupted": ((), 0, pt.corrupted), "all_inputs_is_clean": (every, 0, pt.clean), "clean_into_clean_is_clean": (every, 1, pt.clean)}
+    planned = [(name, s, Job(sites, s, pair=pair)) for name, (sites, pair, _) in cases.items() for s in strategies if s != "feedback" or not sites]
+    results = BatchPatcher(model, [(pt.corrupted, pt.clean), (pt.clean, pt.clean)], decode=False).run([job for _, _, job in planned])
     checks = {}
-    for name, (sites, run_on, expected) in cases.items():
-        runnable = [s for s in strategies if s != "feedback" or not sites]
-        results = BatchPatcher(model, [(run_on, pt.clean)], decode=False).run([Job(sites, s) for s in runnable])
-        for strategy, result in zip(runnable, results):
-            diff = float((result.next_logits - expected.next_logits).abs().max())
-            checks[f"{name}/{strategy}"] = {"max_abs_diff": diff, "passed": diff < VALIDITY_TOL}
+    for (name, strategy, _), result in zip(planned, results):
+        diff = float((result.next_logits - cases[name][2].next_logits).abs().max())
+        checks[f"{name}/{strategy}"] = {"max_abs_diff": diff, "passed": diff < VALIDITY_TOL}
     return {"pair_id": pt.pair.id, "checks": checks, "passed": all(c["passed"] for c in checks.values())}
