@@ -17,7 +17,9 @@ is written, `interp.interventions`) and a strategy (which paths the written valu
 
 All three then run [eot, eot suffix, prefix, answer...] over the KV cache (teacher-forced) and
 decode greedily from there (`CodiModel.greedy_decode`, reusing the teacher-forced columns while the
-greedy tokens equal them). Sites in the teacher-forced answer apply to that pass.
+greedy tokens equal them, then checking the clean and corrupted runs' own decodes as drafts: a row
+whose greedy tokens follow one of them decodes in one wide pass instead of one pass per token).
+Sites in the teacher-forced answer apply to that pass.
 
 A patched run cannot change anything before its first site, so each pair's unpatched corrupted
 keys and values over [question, bot, latents] are computed once and reused: a batch whose first
@@ -482,8 +484,11 @@ class BatchPatcher:
         for r, row in enumerate(rows):
             tokens = row.pair.corrupted.tokens[decode_col - row.offset + 1 :]
             forced[r, : len(tokens)] = tokens
-        answers = self.model.greedy_decode(logits, forced, cache, max_new_tokens=self.max_new_tokens)
-        return answers
+        drafts = []
+        for row in rows:  # the unpatched runs' own decodes, the likelier first (parallel runs keep more of the corrupted run)
+            runs = (row.pair.corrupted, row.pair.clean) if row.job.strategy == "parallel" else (row.pair.clean, row.pair.corrupted)
+            drafts.append([t.generation.answer_ids.tolist() for t in runs])
+        return self.model.greedy_decode(logits, forced, cache, max_new_tokens=self.max_new_tokens, drafts=drafts)
 
     def _results(self, rows, logits: Tensor, latents: Tensor, answers, store, start: int, decode_col: int) -> list[PatchResult]:
         """PatchResults; captured activations before column `start` are the corrupted run's own."""

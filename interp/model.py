@@ -46,6 +46,20 @@ def extract_answer(text: str) -> float | None:
     return float(numbers[-1]) if numbers else None
 
 
+def draft_feed(generated: Sequence[int], drafts: Sequence[Sequence[int]], max_new_tokens: int, eos: int) -> list[int]:
+    """What one decode pass feeds a row: its last generated token, then the rest of the first draft
+    that starts with everything generated (up to the last token whose successor is still needed,
+    and before any eos); just the last token when no draft agrees."""
+    n = len(generated)
+    for draft in drafts:
+        if len(draft) > n and list(draft[:n]) == list(generated):
+            rest = list(draft[n : max_new_tokens - 1])
+            rest = rest[: rest.index(eos)] if eos in rest else rest
+            if rest:
+                return [generated[-1], *rest]
+    return [generated[-1]]
+
+
 @dataclass
 class ForwardOutput:
     """logits [batch, pos, d_vocab]; final [batch, pos, d_model] (final-normed, what prj reads)."""
@@ -376,6 +390,7 @@ class CodiModel:
         max_new_tokens: int,
         fwd_hooks: Sequence[Hook] = (),
         offsets: Sequence[int] | None = None,
+        drafts: Sequence[Sequence[Sequence[int]]] | None = None,
     ) -> list[Tensor]:
         """Greedy decoding, continuing a teacher-forced chunk already in `kv_cache`.
 
@@ -384,9 +399,16 @@ class CodiModel:
         tokens fed at the other n-1 columns (-1 = right padding; None when n = 1). While a row's
         greedy token equals the forced one, the forced column is the decode's own step (the same
         computation) and is reused; from the first disagreement the row's remaining forced
-        columns are masked out and it decodes step by step. Logits are restricted to ids < eot
-        (the official code drops the last vocabulary row). Returns per row the generated ids up to
-        and including eos (at most `max_new_tokens`). Hooks apply to the decode steps.
+        columns are masked out. Logits are restricted to ids < eot (the official code drops the
+        last vocabulary row). Returns per row the generated ids up to and including eos (at most
+        `max_new_tokens`). Hooks apply to the decode passes.
+
+        drafts: per row, candidate decodes (token lists from the first generated token on, e.g. the
+        unpatched runs' own decodes). Each pass feeds a row its last token followed by the rest of
+        its first draft that agrees with everything the row has generated, and keeps the draft
+        columns its greedy tokens confirm (speculative decoding with given drafts): the tokens are
+        those of the one-token-per-pass decode, computed in fewer, wider passes. Without a draft
+        that agrees, a row advances one token per pass.
         """
         b, n = logits.shape[:2]
         eos, device = self.eos_id, self.device
@@ -399,28 +421,41 @@ class CodiModel:
             accepted = torch.zeros(b, dtype=torch.long, device=device)
         generated = [greedy[r, : int(accepted[r]) + 1].tolist()[:max_new_tokens] for r in range(b)]
         active = [r for r in range(b) if generated[r][-1] != eos and len(generated[r]) < max_new_tokens]
-        if active:
-            kv_cache = select_rows(kv_cache, torch.tensor(active, device=device))
-            mask = kv_cache.previous_attention_mask.clone()
-            for i, r in enumerate(active):  # the forced (and padded) columns this row did not take
-                mask[i, first_col + int(accepted[r]) + 1 :] = 0
+        if not active:
+            return [torch.tensor(g, dtype=torch.long) for g in generated]
+        kv_cache = select_rows(kv_cache, torch.tensor(active, device=device))
+        mask = kv_cache.previous_attention_mask.clone()
+        for i, r in enumerate(active):  # the forced (and padded) columns this row did not take
+            mask[i, first_col + int(accepted[r]) + 1 :] = 0
+        kv_cache.previous_attention_mask = mask
+        row_offsets = [offsets[r] for r in active] if offsets is not None else None
+        while active:
+            feeds = [draft_feed(generated[r], drafts[r] if drafts is not None else (), max_new_tokens, eos) for r in active]
+            width = max(len(f) for f in feeds)
+            ids = torch.full((len(active), width), eos, dtype=torch.long)
+            chunk_mask = torch.zeros((len(active), width), dtype=torch.long)
+            for i, f in enumerate(feeds):  # right-padded: causal attention keeps padding out of real columns
+                ids[i, : len(f)] = torch.tensor(f)
+                chunk_mask[i, : len(f)] = 1
+            col = kv_cache.previous_attention_mask.shape[1]
+            out = self.forward(self.embed(ids), kv_cache=kv_cache, attention_mask=chunk_mask, fwd_hooks=fwd_hooks, logit_positions=list(range(width)), start=col, offsets=row_offsets)
+            nxt = out.logits[:, :, : self.eot_id].argmax(dim=-1).tolist()
+            mask, keep = kv_cache.previous_attention_mask.clone(), []
+            for i, (r, feed) in enumerate(zip(active, feeds)):
+                for j in range(len(feed)):  # the token after feed[j]; feed[j + 1] was a correct guess if equal
+                    generated[r].append(nxt[i][j])
+                    finished = nxt[i][j] == eos or len(generated[r]) >= max_new_tokens
+                    if finished or j + 1 == len(feed) or nxt[i][j] != feed[j + 1]:
+                        break
+                mask[i, col + j + 1 :] = 0  # draft columns after the last confirmed one
+                if not finished:
+                    keep.append(i)
             kv_cache.previous_attention_mask = mask
-            row_offsets = [offsets[r] for r in active] if offsets is not None else None
-            while active:
-                ids = torch.tensor([generated[r][-1] for r in active], device=device)
-                col = kv_cache.previous_attention_mask.shape[1]
-                out = self.forward(self.embed(ids[:, None]), kv_cache=kv_cache, fwd_hooks=fwd_hooks, logit_positions=[0], start=col, offsets=row_offsets)
-                nxt = out.logits[:, -1, : self.eot_id].argmax(dim=-1).tolist()
-                keep = []
-                for i, r in enumerate(active):
-                    generated[r].append(nxt[i])
-                    if nxt[i] != eos and len(generated[r]) < max_new_tokens:
-                        keep.append(i)
-                if len(keep) < len(active):
-                    active = [active[i] for i in keep]
-                    row_offsets = [row_offsets[i] for i in keep] if row_offsets is not None else None
-                    if active:
-                        kv_cache = select_rows(kv_cache, torch.tensor(keep, device=device))
+            if len(keep) < len(active):
+                active = [active[i] for i in keep]
+                row_offsets = [row_offsets[i] for i in keep] if row_offsets is not None else None
+                if active:
+                    kv_cache = select_rows(kv_cache, torch.tensor(keep, device=device))
         return [torch.tensor(g, dtype=torch.long) for g in generated]
 
     def run_latents(self, questions: Sequence[str], fwd_hooks: Sequence[Hook] = ()) -> tuple[Tensor, TransformerLensKeyValueCache, list[int]]:
