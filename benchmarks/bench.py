@@ -7,9 +7,11 @@ for every generated token. The fast engine is `interp.engine` (prefix reuse, bat
 the same `interp.sweep.unit_rows` scoring; every row and the answer logits are compared.
 
 Reported: tests/s of each (a test = one row: one pair, layer, latent set and strategy, patched and
-scored), the speed-up, peak memory, and the fraction of the ideal:
+scored; tests that are the same patched run, a cumulative set equal to a single latent or to the
+all set, are counted as tests but their FLOPs once), the speed-up, peak memory, and the fraction of
+the ideal:
 
-    needed FLOPs per test = sum over the positions the patched run must compute (from its first
+    needed FLOPs per run = sum over the positions the patched run must compute (from its first
     patched latent to the end of the teacher-forced answer prefix, plus the decode steps past it) of
       2 * n_params_nonembedding                      (every weight matrix once per token)
     + 4 * n_layers * n_heads * d_head * context      (QK^T and attention x V over the context)
@@ -129,6 +131,7 @@ class EngineRun:
     patch_seconds: float
     rows: dict[str, dict[str, Any]]
     flops: float
+    runs: int  # distinct patched runs among the tests (a cumulative set equal to a single or the all set is the same run)
 
 
 def _units(config, pt, model):
@@ -185,6 +188,7 @@ def run_engine(
     metrics = default_metrics(config.family)
     patch_s = flops = 0.0
     max_diff = 0.0
+    runs: set[tuple] = set()
     units = [Unit(pi, layer, kind, latents) for pi, pt in enumerate(traces) for layer, kind, latents in _units(config, pt, model)]
     if only is not None:
         units = [u for u in units if u in only]
@@ -213,8 +217,10 @@ def run_engine(
                 r = by_strategy[s] = next(it)
                 test_id = u.test_id(pt.pair.id, config.hook_name(u.layer), s)
                 n_tests += 1
-                if r.generation is not None:
+                run = (u.pair_index, u.layer, tuple(u.latents), s)
+                if r.generation is not None and run not in runs:  # FLOPs a run needs are needed once
                     flops += needed_flops(model, pt.corrupted, min(u.latents), s, r.generation.answer_ids)
+                runs.add(run)
                 logits = r.next_logits.detach().float().cpu()
                 if keep_logits is not None:
                     keep_logits[test_id] = logits
@@ -226,7 +232,7 @@ def run_engine(
         if progress and (name == "fast" or n % 10 == 9 or n == len(batches) - 1):
             print(f"  {name}: batch {n + 1}/{len(batches)}, {n_tests} tests, {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     _sync(model.device)
-    return EngineRun(name, n_tests, time.perf_counter() - t0, patch_s, rows, flops), max_diff
+    return EngineRun(name, n_tests, time.perf_counter() - t0, patch_s, rows, flops, len(runs)), max_diff
 
 
 ROW_FIELDS = ("logit_diff", "kl", "latent_cos", "sim_cos", "sim_rel_l2", "par_cos", "par_rel_l2")
@@ -366,9 +372,9 @@ def bench_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     batch = sweep_patcher(model, traces, config, args.batch_size).batch_size
     for run in (naive, *(p for p, _ in peers), fast):
         achieved = run.flops / run.patch_seconds
-        efficiency = f"; needed {run.flops / run.tests / 1e9:.3f} GFLOP/test, achieved {achieved / 1e9:.2f} GFLOP/s = {100 * achieved / peak:.2f}% of ideal" if run.flops else ""
+        efficiency = f"; needed {run.flops / run.runs / 1e9:.3f} GFLOP/run, achieved {achieved / 1e9:.2f} GFLOP/s = {100 * achieved / peak:.2f}% of ideal" if run.flops else ""
         print(
-            f"{run.name:>13}: {run.tests} tests in {run.seconds:.2f} s = {run.tests / run.seconds:.2f} tests/s "
+            f"{run.name:>13}: {run.tests} tests ({run.runs} distinct runs) in {run.seconds:.2f} s = {run.tests / run.seconds:.2f} tests/s "
             f"(patching {run.patch_seconds:.2f} s, scoring {run.seconds - run.patch_seconds:.2f} s){efficiency}"
         )
     for run, diff in peers:

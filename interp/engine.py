@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -44,7 +44,7 @@ from transformer_lens import ActivationCache
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 from interp.hooks import HEAD_HOOKS, NOT_POSITIONAL, Hook
-from interp.interventions import Clean, Intervention
+from interp.interventions import Clean, Intervention, Zero
 from interp.kvcache import expand_cache, left_padded_cache
 from interp.model import CodiModel, Generation, Trace, extract_answer
 
@@ -299,6 +299,12 @@ def _writer(intervention: Intervention, entries: Sequence[_Entry], start: int, d
     return hook_fn
 
 
+def _job_key(job: Job) -> tuple:
+    """What makes two jobs the same run (interventions with parameters compare by identity)."""
+    iv = job.intervention
+    return (job.pair, job.strategy, job.sites, iv if type(iv) in (Clean, Zero) else id(iv))
+
+
 class BatchPatcher:
     """Batched patched runs of one or more (corrupted, clean) pairs of traces.
 
@@ -349,12 +355,19 @@ class BatchPatcher:
     # ------------------------------------------------------------------ public
 
     def run(self, jobs: Sequence[Job]) -> list[PatchResult]:
-        """The patched result of every job, in order."""
+        """The patched result of every job, in order.
+
+        Identical jobs (same pair, strategy and sites, and the same intervention: equal for the
+        parameterless `Clean` and `Zero`, the same object otherwise) run once; each gets its own
+        `PatchResult` holding the same tensors. `stats["rows"]` counts the runs.
+        """
         for job in jobs:
             check_job(self.model, self._pair(job).corrupted, job)
+        first: dict[tuple, int] = {}
+        distinct = [first.setdefault(_job_key(job), i) == i for i, job in enumerate(jobs)]
         results: list[PatchResult | None] = [None] * len(jobs)
         for strategy in STRATEGIES:
-            idx = [i for i, job in enumerate(jobs) if job.strategy == strategy]
+            idx = [i for i, job in enumerate(jobs) if job.strategy == strategy and distinct[i]]
             idx.sort(key=lambda i: (self._first_site(jobs[i]), jobs[i].pair))  # batches of runs that start late skip more
             for b in range(0, len(idx), self.batch_size):
                 chunk = idx[b : b + self.batch_size]
@@ -362,6 +375,9 @@ class BatchPatcher:
                     out = self._run_batch([jobs[i] for i in chunk], strategy)
                 for i, r in zip(chunk, out):
                     results[i] = r
+        for i, job in enumerate(jobs):
+            if not distinct[i]:
+                results[i] = replace(results[first[_job_key(job)]])  # type: ignore[type-var]
         return results  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ internals

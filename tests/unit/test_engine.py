@@ -16,7 +16,7 @@ from benchmarks.naive import naive_patch
 from interp import load_codi
 from interp.data.arithmetic import arithmetic_pairs
 from interp.engine import BatchPatcher, Job, PositionCache, choose_batch_size
-from interp.interventions import Add, Mean, Zero, as_intervention
+from interp.interventions import Add, Clean, Mean, Zero, as_intervention
 from interp.kvcache import expand_cache
 from interp.metrics import cache_similarity
 from interp.model import fast_layout
@@ -95,6 +95,25 @@ def test_interventions_match_reference(model, pair_traces, strategy):
     for job, result in zip(jobs, results):
         assert_same(model, result, reference(model, c, pt.clean, job), pt.clean)
     assert (results[0].next_logits - results[2].next_logits).abs().max() > 1e-3  # the interventions differ
+
+
+def test_identical_jobs_run_once(model, pair_traces):
+    """Jobs equal in pair, strategy, sites and intervention (a new Clean() or Zero() each time, or
+    the same Mean object) are one run; an equal-valued but distinct Add is its own run. Every
+    result still equals the specification."""
+    pt = pair_traces
+    c = pt.corrupted
+    mean = Mean([pt.clean, pt.corrupted])
+    vector = torch.ones(model.cfg.d_model)
+    site = latent_sites(c, "blocks.1.hook_resid_post", (2,))
+    ivs = [Clean(), Clean(), Zero(), Zero(), mean, mean, Add(vector), Add(vector.clone())]
+    jobs = [Job((site,), s, intervention=iv) for iv in ivs for s in ("parallel", "iterative")]
+    patcher = BatchPatcher(model, [(c, pt.clean)], max_new_tokens=MAX_NEW)
+    results = patcher.run(jobs)
+    assert patcher.stats["rows"] == 2 * 5  # Clean, Zero, the Mean object, two Add objects; per strategy
+    assert len({id(r) for r in results}) == len(jobs)
+    for job, result in zip(jobs, results):
+        assert_same(model, result, reference(model, c, pt.clean, job), pt.clean)
 
 
 def test_feedback_takes_only_the_projection(model, pair_traces):
