@@ -15,7 +15,7 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from benchmarks.naive import naive_patch
 from interp import load_codi
 from interp.data.arithmetic import arithmetic_pairs
-from interp.engine import BatchPatcher, Job, PositionCache, choose_batch_size
+from interp.engine import MAX_ROWS, BatchPatcher, Job, PositionCache, choose_batch_size
 from interp.interventions import Add, Clean, Mean, Zero, as_intervention
 from interp.kvcache import expand_cache
 from interp.metrics import cache_similarity
@@ -282,7 +282,7 @@ def test_batch_size_choice(model):
     assert choose_batch_size(model, 40, 20, 8, override=3) == 3
     with pytest.raises(ValueError):
         choose_batch_size(model, 40, 20, 8, override=0)
-    assert 1 <= choose_batch_size(model, 40, 20, 8) <= 64
+    assert 1 <= choose_batch_size(model, 40, 20, 8) <= MAX_ROWS["cpu"]
 
 
 def test_position_cache_marks_unrecorded_positions():
