@@ -23,8 +23,11 @@ of them decodes in one wide pass instead of one pass per token).
 Sites in the teacher-forced answer apply to that pass.
 
 A patched run cannot change anything before its first site, so each pair's unpatched corrupted
-keys and values over [question, bot, latents] are computed once and reused: a batch whose first
-site is at column c copies the first c columns. Many runs (rows), of one pair or several, share
+keys and values (and residual stream) are computed once and reused: a batch whose first site is at
+column c copies the first c columns. A parallel run feeds the corrupted run's own inputs everywhere,
+so no block below its lowest site's can change either: a parallel batch runs blocks f.. from the
+corrupted residual entering block f (f = the lowest site block in the batch), with the corrupted
+keys and values of blocks < f at every column. Many runs (rows), of one pair or several, share
 each forward pass along the batch axis: rows of pairs whose prompts differ in length are
 left-padded (masked cache columns; positions follow the mask) so that every row's latent t sits
 in the same column; tails of different lengths are right-padded, which causal attention keeps out
@@ -249,6 +252,8 @@ class _Pair:
     clean: Trace
     capture_positions: list[int]
     base: TransformerLensKeyValueCache | None = None
+    #: the corrupted run's residual stream entering each block, [n_layers, seq, d_model] (made with `base`)
+    resid_pre: Tensor | None = None
     #: the latest distinct decodes of this pair's patched runs (not the traces' own), drafts for later rows
     decodes: list[tuple[int, ...]] = field(default_factory=list)
 
@@ -375,7 +380,8 @@ class BatchPatcher:
         results: list[PatchResult | None] = [None] * len(jobs)
         for strategy in STRATEGIES:
             idx = [i for i, job in enumerate(jobs) if job.strategy == strategy and distinct[i]]
-            idx.sort(key=lambda i: (self._first_site(jobs[i]), jobs[i].pair))  # batches of runs that start late skip more
+            # batches of runs that start late skip more: parallel runs skip the blocks below their first site's, the others the latent steps before it
+            idx.sort(key=lambda i: (self._first_layer(jobs[i]) if strategy == "parallel" else 0, self._first_site(jobs[i]), jobs[i].pair))
             for b in range(0, len(idx), self.batch_size):
                 chunk = idx[b : b + self.batch_size]
                 with torch.no_grad():
@@ -400,31 +406,58 @@ class BatchPatcher:
         positions = [min(p, pair.eot) for s in job.sites for p in s.positions]
         return min(positions) - pair.n_prompt if positions else self.k
 
+    def _first_layer(self, job: Job) -> int:
+        """The first block a job's intervention can change: the lowest block holding one of its sites (0 for hooks outside the blocks)."""
+        layers = [layer_of(site.hook) for site in job.sites]
+        return min((0 if layer is None else layer) for layer in layers) if layers else 0
+
     def _base(self, pair: _Pair) -> TransformerLensKeyValueCache:
-        """The corrupted run's 1-row KV cache over [question, bot, latents] (positions < eot), made once."""
+        """The corrupted run's 1-row KV cache over its whole sequence (and `pair.resid_pre`), made once."""
         if pair.base is None:
+            resid: dict[int, Tensor] = {}
+
+            def grab(act: Tensor, hook) -> None:
+                resid[layer_of(hook.name)] = act[0]
+
             pair.base = TransformerLensKeyValueCache.init_cache(self.model.cfg, self.model.device, 1)
-            self.model.forward(pair.corrupted.input_embeds[None, : pair.eot], kv_cache=pair.base, logit_positions=[])
+            hooks = [(f"blocks.{layer}.hook_resid_pre", grab) for layer in range(self.model.cfg.n_layers)]
+            self.model.forward(pair.corrupted.input_embeds[None], kv_cache=pair.base, fwd_hooks=hooks, logit_positions=[])
             pair.base.freeze()
+            pair.resid_pre = torch.stack([resid[layer] for layer in range(self.model.cfg.n_layers)])
         return pair.base
 
-    def _prefix_cache(self, rows: Sequence[_Row], width: int) -> TransformerLensKeyValueCache:
+    def _prefix_cache(self, rows: Sequence[_Row], width: int, *, full_layers: int = 0, end: int = 0) -> TransformerLensKeyValueCache:
         """A len(rows)-row cache over columns [0, width): each row's pair's positions before
-        column `width`, left-padded by its offset (zeros, masked out)."""
-        if len({id(r.pair) for r in rows}) == 1 and rows[0].offset == 0:
-            return expand_cache(self._base(rows[0].pair), len(rows), width)  # one pair: views, no copy
-        lengths = [max(0, width - r.offset) for r in rows]
-        return left_padded_cache([self._base(r.pair) for r in rows], lengths, [width - n for n in lengths])
+        column `width`, left-padded by its offset (zeros, masked out). With `full_layers` f > 0,
+        blocks < f hold the corrupted run's keys and values of every column up to `end` (right-padded
+        after shorter sequences): what a parallel run that starts at block f reads there."""
+        bases = [self._base(r.pair) for r in rows]
+        one_pair = len({id(r.pair) for r in rows}) == 1 and rows[0].offset == 0
+        if one_pair:  # views, no copy
+            cache = expand_cache(bases[0], len(rows), width)
+        else:
+            lengths = [max(0, width - r.offset) for r in rows]
+            cache = left_padded_cache(bases, lengths, [width - n for n in lengths])
+        if full_layers == 0:
+            return cache
+        if one_pair:
+            full = expand_cache(bases[0], len(rows), end)
+        else:
+            lengths = [max(0, min(r.pair.seq_len, end - r.offset)) for r in rows]
+            full = left_padded_cache(bases, lengths, [r.offset for r in rows], width=end, layers=full_layers)
+        return TransformerLensKeyValueCache(entries=full.entries[:full_layers] + cache.entries[full_layers:], previous_attention_mask=cache.previous_attention_mask)
 
-    def _columns(self, rows: Sequence[_Row], lo: int, hi: int) -> tuple[Tensor, Tensor]:
-        """The corrupted inputs of columns [lo, hi) of every row: (embeds [b, hi-lo, d], mask [b, hi-lo])."""
+    def _columns(self, rows: Sequence[_Row], lo: int, hi: int, layer: int = 0) -> tuple[Tensor, Tensor]:
+        """The corrupted run's inputs to block `layer` (0: the fed embeddings) at columns [lo, hi) of
+        every row: (inputs [b, hi-lo, d], mask [b, hi-lo])."""
         model = self.model
         embeds = torch.zeros(len(rows), hi - lo, model.cfg.d_model, dtype=rows[0].pair.corrupted.input_embeds.dtype)
         mask = torch.zeros(len(rows), hi - lo, dtype=torch.long)
         for r, row in enumerate(rows):
             first, last = max(lo, row.offset), min(hi, row.pair.seq_len + row.offset)
             if first < last:
-                embeds[r, first - lo : last - lo] = row.pair.corrupted.input_embeds[first - row.offset : last - row.offset]
+                source = row.pair.corrupted.input_embeds if layer == 0 else row.pair.resid_pre[layer]
+                embeds[r, first - lo : last - lo] = source[first - row.offset : last - row.offset]
                 mask[r, first - lo : last - lo] = 1
         return embeds.to(model.device), mask
 
@@ -472,12 +505,15 @@ class BatchPatcher:
         def all_hooks(lo: int, length: int) -> list[Hook]:
             return patch_hooks(lo, length) + capture_hooks(lo, length)
 
-        cache = self._prefix_cache(rows, start)
         latents = torch.stack([r.pair.corrupted.latents for r in rows]).to(model.device)  # [b, K, d]
-        if strategy == "parallel":
-            embeds, mask = self._columns(rows, start, end)
+        first_layer = 0
+        if strategy == "parallel":  # blocks before the first site's are the corrupted run's at every column
+            first_layer = min(self._first_layer(j) for j in jobs)
+            cache = self._prefix_cache(rows, start, full_layers=first_layer, end=end)
+            embeds, mask = self._columns(rows, start, end, layer=first_layer)
             tail_start = start
         else:
+            cache = self._prefix_cache(rows, start)
             first = start - width
             if start < width:  # sites in the prompt: run it from the first one, then latent 0 from bot
                 embeds, mask = self._columns(rows, start, width)
@@ -494,12 +530,12 @@ class BatchPatcher:
             tail_start = eot
         decode_col = eot + rows[0].pair.corrupted.layout.n_eot_suffix
         logit_positions = list(range(decode_col - tail_start, end - tail_start))  # from the last fed position on
-        out = model.forward(embeds, kv_cache=cache, attention_mask=mask, fwd_hooks=all_hooks(tail_start, end - tail_start), logit_positions=logit_positions, start=tail_start)
+        out = model.forward(embeds, kv_cache=cache, attention_mask=mask, fwd_hooks=all_hooks(tail_start, end - tail_start), logit_positions=logit_positions, start=tail_start, start_layer=first_layer)
         self.stats["forwards"] += 1
         self.stats["rows"] += len(rows)
         logits = out.logits  # [b, end - decode_col, vocab] (right-padded rows: garbage past their tail)
         answers = self._decode(rows, logits, cache, decode_col) if self.decode else [None] * len(rows)
-        return self._results(rows, logits, latents, answers, store, start, decode_col)
+        return self._results(rows, logits, latents, answers, store, start, decode_col, first_layer)
 
     def _decode(self, rows: Sequence[_Row], logits: Tensor, cache: TransformerLensKeyValueCache, decode_col: int) -> list[Tensor]:
         """Greedy decode of every row from its last fed position, reusing the teacher-forced columns."""
@@ -520,8 +556,8 @@ class BatchPatcher:
                 del row.pair.decodes[:-MAX_DRAFTS]
         return answers
 
-    def _results(self, rows, logits: Tensor, latents: Tensor, answers, store, start: int, decode_col: int) -> list[PatchResult]:
-        """PatchResults; captured activations before column `start` are the corrupted run's own."""
+    def _results(self, rows, logits: Tensor, latents: Tensor, answers, store, start: int, decode_col: int, first_layer: int) -> list[PatchResult]:
+        """PatchResults; captured activations before column `start`, or of blocks before `first_layer`, are the corrupted run's own."""
         model = self.model
         results = []
         for r, (row, ids) in enumerate(zip(rows, answers)):
@@ -535,7 +571,8 @@ class BatchPatcher:
             if self.capture_names:
                 values = {}
                 for name in self.capture_names:
-                    parts = [pair.corrupted.cache[name][0, p] if p + row.offset < start else store[name][p + row.offset][r] for p in pair.capture_positions]
+                    unchanged = layer_of(name) < first_layer
+                    parts = [pair.corrupted.cache[name][0, p] if unchanged or p + row.offset < start else store[name][p + row.offset][r] for p in pair.capture_positions]
                     values[name] = torch.stack(parts)
                 cache = PositionCache(values, pair.capture_positions, pair.seq_len)
             answer_col = pair.corrupted.answer_position + row.offset - decode_col

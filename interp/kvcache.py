@@ -25,19 +25,22 @@ def expand_cache(cache: TransformerLensKeyValueCache, batch: int, length: int | 
     )
 
 
-def left_padded_cache(caches: Sequence[TransformerLensKeyValueCache], lengths: Sequence[int], pads: Sequence[int]) -> TransformerLensKeyValueCache:
+def left_padded_cache(caches: Sequence[TransformerLensKeyValueCache], lengths: Sequence[int], pads: Sequence[int], width: int | None = None, layers: int | None = None) -> TransformerLensKeyValueCache:
     """A len(caches)-row cache: row r holds the first `lengths[r]` positions of 1-row cache r,
-    after `pads[r]` masked zero columns (every row has lengths[r] + pads[r] columns)."""
-    width = {n + p for n, p in zip(lengths, pads)}
-    if len(width) != 1:
-        raise ValueError(f"rows of a padded cache must have one width, got {sorted(width)}")
+    after `pads[r]` masked zero columns, and masked zero columns after them up to `width` columns
+    (default: none; every row then has lengths[r] + pads[r] columns). `layers`: only the first
+    that many blocks' entries."""
+    widths = {n + p for n, p in zip(lengths, pads)}
+    if (width is None and len(widths) != 1) or (width is not None and max(widths) > width):
+        raise ValueError(f"rows of a padded cache must fit in one width, got row widths {sorted(widths)} for width {width}")
+    width = max(widths) if width is None else width
     pad = torch.nn.functional.pad
     entries = []
-    for layer, entry in enumerate(caches[0].entries):
-        keys = [pad(c.entries[layer].past_keys[:, :n], (0, 0, 0, 0, p, 0)) for c, n, p in zip(caches, lengths, pads)]
-        values = [pad(c.entries[layer].past_values[:, :n], (0, 0, 0, 0, p, 0)) for c, n, p in zip(caches, lengths, pads)]
+    for layer, entry in enumerate(caches[0].entries[:layers]):
+        keys = [pad(c.entries[layer].past_keys[:, :n], (0, 0, 0, 0, p, width - n - p)) for c, n, p in zip(caches, lengths, pads)]
+        values = [pad(c.entries[layer].past_values[:, :n], (0, 0, 0, 0, p, width - n - p)) for c, n, p in zip(caches, lengths, pads)]
         entries.append(type(entry)(torch.cat(keys), torch.cat(values)))
-    mask = torch.cat([pad(c.previous_attention_mask[:, :n], (p, 0)) for c, n, p in zip(caches, lengths, pads)])
+    mask = torch.cat([pad(c.previous_attention_mask[:, :n], (p, width - n - p)) for c, n, p in zip(caches, lengths, pads)])
     return TransformerLensKeyValueCache(entries=entries, previous_attention_mask=mask)
 
 

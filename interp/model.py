@@ -256,8 +256,11 @@ class CodiModel:
         logit_positions: Sequence[int] | None = None,
         start: int = 0,
         offsets: Sequence[int] | None = None,
+        start_layer: int = 0,
     ) -> ForwardOutput:
-        """Run the network on input embeddings [batch, pos, d_model].
+        """Run the network on input embeddings [batch, pos, d_model] (with `start_layer` L > 0: on
+        the residual stream entering block L, `blocks.L.hook_resid_pre`, running blocks L.. only;
+        a KV cache must then already hold this chunk's keys and values for blocks < L).
 
         With a KV cache, the chunk attends to everything cached before it. `attention_mask`
         [batch, pos] marks real positions of this chunk (left padding = 0); when a KV cache is
@@ -277,7 +280,7 @@ class CodiModel:
             captured["normalized"] = act
 
         hooks = bind_hooks(fwd_hooks, start, embeds.shape[1], offsets) + [("ln_final.hook_normalized", grab_normalized)]
-        kwargs = dict(start_at_layer=0, past_kv_cache=kv_cache, attention_mask=attention_mask)
+        kwargs = dict(start_at_layer=start_layer, past_kv_cache=kv_cache, attention_mask=attention_mask)
         if logit_positions is not None:
             if with_cache:
                 raise ValueError("logit_positions and with_cache do not go together (the cache would lack ln_final)")
@@ -285,7 +288,7 @@ class CodiModel:
         # the caching hooks run after the user's (as in run_with_cache), and see hook_pos_embed too
         cache_dict, cache_hooks, _ = self.model.get_caching_hooks(names_filter) if with_cache else ({}, [], [])
         with self.model.hooks(fwd_hooks=hooks + cache_hooks):
-            if self.cfg.positional_embedding_type == "standard":  # learned positions (GPT-2)
+            if self.cfg.positional_embedding_type == "standard" and start_layer == 0:  # learned positions (GPT-2)
                 embeds = embeds + self._position_embeds(embeds.shape[0], embeds.shape[1], attention_mask)
             logits = self.model(embeds, **kwargs)
             if logit_positions is not None:  # the residual: finish the pass at the chosen positions

@@ -166,6 +166,24 @@ def test_batches_mixing_pairs_of_different_lengths(model):
         BatchPatcher(model, [(pt.corrupted, pt.clean) for pt in traces], capture="hook_resid_post", capture_positions=positions[:1])
 
 
+def test_parallel_rows_start_at_their_first_site_block(model):
+    """Parallel runs compute only the blocks from their sites' lowest one up (the blocks below hold
+    the corrupted run's own values at every column). Rows of pairs whose tails differ in length
+    (answers of 1 and 9 digits: right-padded tails) and prompts (left padding) share batches whose
+    first block is 1 or 2; captures below it come from the corrupted trace. Each row matches the
+    specification, which runs every block."""
+    questions = [("7 +5 *3 -2", "8 +5 *3 -2", "7"), ("Tom has 3 apples and buys 5 more.", "Tom has 4 apples and buys 5 more.", "123456789")]
+    traces = [(model.trace(c, answer=a), model.trace(k, answer=a)) for k, c, a in questions]
+    assert len({t[0].seq_len - t[0].layout.eot for t in traces}) == 2 and len({t[0].layout.n_prompt for t in traces}) == 2
+    sites = [("blocks.1.hook_resid_post", (0,)), ("blocks.2.hook_mlp_out", (3,)), ("blocks.1.attn.hook_z", (1, 2)), ("blocks.2.hook_resid_pre", (5,))]
+    jobs = [Job((latent_sites(c, h, lat),), "parallel", pair=i) for h, lat in sites for i, (c, _) in enumerate(traces)]
+    positions = [[c.latent_positions[2], c.seq_len - 1] for c, _ in traces]
+    patcher = BatchPatcher(model, traces, capture="hook_resid_post", capture_positions=positions, batch_size=4, max_new_tokens=MAX_NEW)
+    for job, result in zip(jobs, patcher.run(jobs)):
+        corrupted, clean = traces[job.pair]
+        assert_same(model, result, reference(model, corrupted, clean, job, "hook_resid_post"), clean, "hook_resid_post", positions[job.pair])
+
+
 def test_sites_before_the_latents_run_and_leave_the_traces_alone(model, pair_traces):
     pt = pair_traces
     c = pt.corrupted
