@@ -15,6 +15,8 @@ the ideal:
     patched latent to the end of the teacher-forced answer prefix, plus the decode steps past it) of
       2 * n_params_nonembedding                      (every weight matrix once per token)
     + 4 * n_layers * n_heads * d_head * context      (QK^T and attention x V over the context)
+    (for a parallel run, over the teacher-forced positions: only the blocks from the site's up, above
+    it for resid_post; the blocks below see only the corrupted run's inputs)
     + 2 * d_model * d_vocab at the positions whose logits are read (eot onward, decode steps)
     + 4 * d_model * d_prj at iterative latent steps   (the projection)
     achieved FLOP/s = needed FLOPs / time; ideal = a large matmul's FLOP/s measured here, in the
@@ -43,7 +45,7 @@ from torch import Tensor
 
 from benchmarks.baselines import nnsight_patch
 from benchmarks.naive import naive_patch
-from interp.engine import STRATEGIES, Job
+from interp.engine import STRATEGIES, Job, layer_of
 from interp.model import CodiModel, fast_layout
 from interp.patching import latent_sites, patch_sites
 from interp.plan import Unit, batch_order, latent_sets
@@ -61,13 +63,14 @@ FP32_TOL = 1e-4
 # ----------------------------------------------------------------------------- FLOPs
 
 
-def flops_per_token(model: CodiModel, context: int, logits: bool, projection: bool) -> float:
-    """FLOPs of one token at `context` positions (see the module docstring)."""
+def flops_per_token(model: CodiModel, context: int, logits: bool, projection: bool, blocks: int | None = None) -> float:
+    """FLOPs of one token at `context` positions through the last `blocks` blocks (default all; see the module docstring)."""
     cfg = model.cfg
     n_kv = cfg.n_key_value_heads or cfg.n_heads
     attn = cfg.d_model * cfg.d_head * (2 * cfg.n_heads + 2 * n_kv)
     mlp = 3 * cfg.d_model * cfg.d_mlp
-    f = 2 * cfg.n_layers * (attn + mlp) + 4 * cfg.n_layers * cfg.n_heads * cfg.d_head * context
+    blocks = cfg.n_layers if blocks is None else blocks
+    f = 2 * blocks * (attn + mlp) + 4 * blocks * cfg.n_heads * cfg.d_head * context
     if logits:
         f += 2 * cfg.d_model * cfg.d_vocab
     if projection:
@@ -75,13 +78,16 @@ def flops_per_token(model: CodiModel, context: int, logits: bool, projection: bo
     return float(f)
 
 
-def needed_flops(model: CodiModel, corrupted, first_latent: int, strategy: str, answer_ids: Tensor) -> float:
-    """The FLOPs a patched run whose first patched latent is `first_latent` cannot avoid."""
+def needed_flops(model: CodiModel, corrupted, first_latent: int, strategy: str, answer_ids: Tensor, hook: str) -> float:
+    """The FLOPs a patched run at `hook` whose first patched latent is `first_latent` cannot avoid."""
     n_prompt, eot, seq_len = corrupted.latent_positions[0], corrupted.position("eot"), corrupted.seq_len
+    blocks = model.cfg.n_layers
+    if strategy == "parallel":  # blocks below the site's (and the site's own, for its output) see only corrupted inputs
+        blocks -= layer_of(hook) + (1 if hook.endswith("hook_resid_post") else 0)
     total = 0.0
     for p in range(n_prompt + first_latent, seq_len):
         latent = p < eot
-        total += flops_per_token(model, p + 1, logits=not latent, projection=latent and strategy == "iterative" and p + 1 < eot)
+        total += flops_per_token(model, p + 1, logits=not latent, projection=latent and strategy == "iterative" and p + 1 < eot, blocks=blocks)
     teacher = corrupted.tokens[eot + 1 :].tolist()
     ids = answer_ids.tolist()
     accepted = 0
@@ -219,7 +225,7 @@ def run_engine(
                 n_tests += 1
                 run = (u.pair_index, u.layer, tuple(u.latents), s)
                 if r.generation is not None and run not in runs:  # FLOPs a run needs are needed once
-                    flops += needed_flops(model, pt.corrupted, min(u.latents), s, r.generation.answer_ids)
+                    flops += needed_flops(model, pt.corrupted, min(u.latents), s, r.generation.answer_ids, config.hook_name(u.layer))
                 runs.add(run)
                 logits = r.next_logits.detach().float().cpu()
                 if keep_logits is not None:

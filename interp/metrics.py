@@ -62,13 +62,8 @@ def cache_similarity(a: ActivationCache, b: ActivationCache, family: str, positi
     layers = sorted({int(k.split(".")[1]) for k in a.cache_dict if k.startswith("blocks.") and k.endswith("." + family)})
     if not layers:
         raise KeyError(f"no hook blocks.*.{family} in the cache")
-    cos, rel = [], []
-    for layer in layers:
-        name = f"blocks.{layer}.{family}"
-        x, y = a[name][0], b[name][0]
-        if positions is not None:
-            x, y = x[list(positions)], y[list(positions)]
-        x, y = x.reshape(x.shape[0], -1).double(), y.reshape(y.shape[0], -1).double()
-        cos.append(torch.nn.functional.cosine_similarity(x, y, dim=-1))
-        rel.append((x - y).norm(dim=-1) / y.norm(dim=-1).clamp_min(1e-12))
-    return {"cos": torch.stack(cos).float(), "rel_l2": torch.stack(rel).float()}
+    at = list(positions) if positions is not None else slice(None)
+    x, y = (torch.stack([cache[f"blocks.{layer}.{family}"][0][at] for layer in layers]).flatten(2).double() for cache in (a, b))  # [n_layers, n_positions, features]
+    cos = torch.nn.functional.cosine_similarity(x, y, dim=-1)
+    rel = (x - y).norm(dim=-1) / y.norm(dim=-1).clamp_min(1e-12)
+    return {"cos": cos.float(), "rel_l2": rel.float()}
