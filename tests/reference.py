@@ -168,6 +168,21 @@ def reference_patch(
     return logits, latents
 
 
+def reference_patch_pair(
+    ref: ReferenceCodi, model, clean_question: str, corrupted_question: str, clean, corrupted, *, module: str, layer: int, latents: list[int], strategy: str, remove_eos: bool = True
+):
+    """`reference_patch` for a pair of interp traces: the clean run's `module` output at `layer`,
+    recomputed here over [clean question, clean latents, eot, answer prefix], patched into the
+    corrupted run at latent indices `latents`. Only ids and fed latents are read from the traces.
+    Returns (logits at the last position [vocab], latents fed [K, d])."""
+    tok = model.tokenizer
+    tail = model.prefix_ids().tolist()
+    kw = {"bot": model.bot_id, "eot": model.eot_id, "eos": model.eos_id, "remove_eos": remove_eos}
+    clean_out = module_outputs(ref, ref.sequence_embeds(tok(clean_question)["input_ids"], clean.latents, tail, **kw), module, layer)
+    positions = [corrupted.latent_positions[t] for t in latents]
+    return reference_patch(ref, tok(corrupted_question)["input_ids"], corrupted.latents, clean_out, tail, module=module, layer=layer, positions=positions, strategy=strategy, **kw)
+
+
 @torch.no_grad()
 def module_outputs(ref: ReferenceCodi, embeds: torch.Tensor, module: str, layer: int) -> torch.Tensor:
     """Output [seq, d] of decoder layer `layer` ("layer"), its attention ("attn") or mlp ("mlp")."""

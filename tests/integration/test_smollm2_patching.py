@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from interp.patching import patch
-from tests.reference import module_outputs, reference_patch
+from tests.reference import reference_patch_pair
 
 pytestmark = pytest.mark.slow
 
@@ -23,27 +23,11 @@ def traces(smol_codi):
 @pytest.mark.parametrize("layer,latent", [(3, 0), (15, 2), (29, 4)])
 def test_strategies_match_reference(smol_codi, traces, layer, latent):
     ref, model, _, _ = smol_codi
-    tok = model.tokenizer
     clean, corrupted = traces
-    tail = model.prefix_ids().tolist()
-    clean_embeds = ref.sequence_embeds(tok(CLEAN_Q)["input_ids"], clean.latents, tail, bot=model.bot_id, eot=model.eot_id)
-    clean_out = module_outputs(ref, clean_embeds, "layer", layer)
     results = {}
     for strategy in ("parallel", "iterative", "feedback"):
         result = patch(model, corrupted, clean, f"blocks.{layer}.hook_resid_post", [latent], strategy)
-        logits, fed = reference_patch(
-            ref,
-            tok(CORRUPTED_Q)["input_ids"],
-            corrupted.latents,
-            clean_out,
-            tail,
-            module="layer",
-            layer=layer,
-            positions=[corrupted.latent_positions[latent]],
-            strategy=strategy,
-            bot=model.bot_id,
-            eot=model.eot_id,
-        )
+        logits, fed = reference_patch_pair(ref, model, CLEAN_Q, CORRUPTED_Q, clean, corrupted, module="layer", layer=layer, latents=[latent], strategy=strategy)
         assert (result.answer_logits - logits).abs().max() < 1e-3
         torch.testing.assert_close(result.latents, fed, rtol=1e-3, atol=1e-4)
         results[strategy] = result

@@ -14,7 +14,7 @@ import torch
 from interp import CheckpointError, load_codi
 from interp.engine import BatchPatcher, Job
 from interp.patching import latent_sites, patch, patch_sites
-from tests.reference import module_outputs, reference_patch
+from tests.reference import reference_patch_pair
 
 QUESTIONS = [
     "Tom has 3 apples and buys 5 more. How many apples does he have?",
@@ -115,24 +115,10 @@ def traces(model):
 @pytest.mark.parametrize("strategy", ["parallel", "iterative"])
 @pytest.mark.parametrize("module,layer,latents", [("layer", 2, [1, 3]), ("attn", 1, [2]), ("mlp", 0, [1])])
 def test_patch_matches_reference_hook_patching(tiny_gpt2_codi, model, traces, strategy, module, layer, latents):
-    ref, _, tok, _ = tiny_gpt2_codi
+    ref = tiny_gpt2_codi[0]
     clean, corrupted = traces
     result = patch(model, corrupted, clean, f"blocks.{layer}.{HOOKS[module]}", latents, strategy, with_cache=False)
-    tail = model.prefix_ids().tolist()
-    clean_embeds = ref.sequence_embeds(tok(CLEAN_Q)["input_ids"], clean.latents, tail, bot=model.bot_id, eot=model.eot_id)
-    logits, fed = reference_patch(
-        ref,
-        tok(CORRUPTED_Q)["input_ids"],
-        corrupted.latents,
-        module_outputs(ref, clean_embeds, module, layer),
-        tail,
-        module=module,
-        layer=layer,
-        positions=[corrupted.latent_positions[t] for t in latents],
-        strategy=strategy,
-        bot=model.bot_id,
-        eot=model.eot_id,
-    )
+    logits, fed = reference_patch_pair(ref, model, CLEAN_Q, CORRUPTED_Q, clean, corrupted, module=module, layer=layer, latents=latents, strategy=strategy)
     torch.testing.assert_close(result.answer_logits, logits, rtol=TOL, atol=TOL)
     torch.testing.assert_close(result.latents, fed, rtol=TOL, atol=TOL)
 

@@ -9,7 +9,7 @@ from interp import load_codi
 from interp.data.pairs import NumberChange, Pair
 from interp.patching import PatchError, Site, patch, patch_sites
 from interp.trace import trace_pair
-from tests.reference import module_outputs, reference_patch
+from tests.reference import reference_patch_pair
 
 CLEAN_Q, CORRUPTED_Q = "Tom has 3 apples and buys 5 more.", "Tom has 4 apples and buys 5 more."
 
@@ -21,26 +21,6 @@ def setup(tiny_codi):
     return ref, model, model.trace(CLEAN_Q), model.trace(CORRUPTED_Q)
 
 
-def reference(ref, model, clean, corrupted, module, layer, latents, strategy):
-    tok = model.tokenizer
-    tail = model.prefix_ids().tolist()
-    clean_embeds = ref.sequence_embeds(tok(CLEAN_Q)["input_ids"], clean.latents, tail, bot=model.bot_id, eot=model.eot_id)
-    clean_out = module_outputs(ref, clean_embeds, module, layer)
-    return reference_patch(
-        ref,
-        tok(CORRUPTED_Q)["input_ids"],
-        corrupted.latents,
-        clean_out,
-        tail,
-        module=module,
-        layer=layer,
-        positions=[corrupted.latent_positions[t] for t in latents],
-        strategy=strategy,
-        bot=model.bot_id,
-        eot=model.eot_id,
-    )
-
-
 HOOKS = {"layer": "hook_resid_post", "attn": "hook_attn_out", "mlp": "hook_mlp_out"}
 
 
@@ -49,7 +29,7 @@ HOOKS = {"layer": "hook_resid_post", "attn": "hook_attn_out", "mlp": "hook_mlp_o
 def test_matches_reference(setup, strategy, module, layer, latents):
     ref, model, clean, corrupted = setup
     result = patch(model, corrupted, clean, f"blocks.{layer}.{HOOKS[module]}", latents, strategy)
-    logits, fed = reference(ref, model, clean, corrupted, module, layer, latents, strategy)
+    logits, fed = reference_patch_pair(ref, model, CLEAN_Q, CORRUPTED_Q, clean, corrupted, module=module, layer=layer, latents=latents, strategy=strategy)
     torch.testing.assert_close(result.answer_logits, logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(result.latents, fed, rtol=1e-4, atol=1e-5)
 

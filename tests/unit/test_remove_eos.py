@@ -7,7 +7,7 @@ import torch
 
 from interp import load_codi
 from interp.patching import patch
-from tests.reference import module_outputs, reference_patch
+from tests.reference import reference_patch_pair
 
 QUESTION = "Tom has 3 apples and buys 5 more. How many apples does he have?"
 CLEAN_Q, CORRUPTED_Q = "Tom has 3 apples and buys 5 more.", "Tom has 4 apples and buys 5 more."
@@ -42,22 +42,8 @@ def test_loop_feeds_eos_after_question_and_eot(codi):
 
 @pytest.mark.parametrize("strategy", ["parallel", "iterative"])
 def test_patch_matches_reference(codi, strategy):
-    ref, model, tok, (clean, corrupted) = codi
+    ref, model, _, (clean, corrupted) = codi
     result = patch(model, corrupted, clean, "blocks.1.hook_resid_post", [1], strategy, with_cache=False)
-    tail = model.prefix_ids().tolist()
-    kw = {"bot": model.bot_id, "eot": model.eot_id, "eos": model.eos_id, "remove_eos": False}
-    clean_out = module_outputs(ref, ref.sequence_embeds(tok(CLEAN_Q)["input_ids"], clean.latents, tail, **kw), "layer", 1)
-    logits, fed = reference_patch(
-        ref,
-        tok(CORRUPTED_Q)["input_ids"],
-        corrupted.latents,
-        clean_out,
-        tail,
-        module="layer",
-        layer=1,
-        positions=[corrupted.latent_positions[1]],
-        strategy=strategy,
-        **kw,
-    )
+    logits, fed = reference_patch_pair(ref, model, CLEAN_Q, CORRUPTED_Q, clean, corrupted, module="layer", layer=1, latents=[1], strategy=strategy, remove_eos=False)
     torch.testing.assert_close(result.answer_logits, logits, rtol=TOL, atol=TOL)
     torch.testing.assert_close(result.latents, fed, rtol=TOL, atol=TOL)
