@@ -7,7 +7,6 @@ state computed at latent t holds v_(t+1), the value prj turns into the next late
 from __future__ import annotations
 
 import pytest
-import torch
 
 from interp import load_default
 from interp.analysis import collect, logit_lens, probe_rows
@@ -18,14 +17,9 @@ N = 200
 
 
 @pytest.fixture(scope="module")
-def acts():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: a second spinning thread only slows a shared 2-core machine
-    try:
-        model = load_default()
-        yield model, collect(model, problems_from_pairs(arithmetic_pairs(N, seed=14)))
-    finally:
-        torch.set_num_threads(threads)
+def acts(one_thread):
+    model = load_default()
+    return model, collect(model, problems_from_pairs(arithmetic_pairs(N, seed=14)))
 
 
 def test_final_layer_lens_names_the_next_running_value(acts):

@@ -20,13 +20,7 @@ from interp.data import arithmetic_pairs
 QUESTIONS = ["7 +5 *3 -2 *7 +4 -1", "1 -2 *9 +3 +3 -5 *7"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: a second spinning torch thread only slows a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

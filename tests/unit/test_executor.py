@@ -40,16 +40,7 @@ class Latents:
         return rows
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread, as each Ray worker has (cpus_per_worker=1): on a shared 2-core machine two
-    spinning OpenMP threads per process slow small models down many times over."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # as each Ray worker has (cpus_per_worker=1)
 
 
 @pytest.fixture(scope="module")

@@ -19,14 +19,7 @@ MAX_NEW = 4
 SITES = [(0, (0,)), (1, (2,)), (2, (5,)), (1, (0, 1, 2, 3, 4, 5)), (0, (1, 3))]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model gains nothing from a second thread, and on a shared 2-core machine two spinning
-    OpenMP threads per process made these tests ~40x slower (2.8 s instead of 70 ms per patch)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
