@@ -46,7 +46,7 @@ from torch import Tensor
 from benchmarks.baselines import nnsight_patch
 from benchmarks.naive import naive_patch
 from interp.engine import STRATEGIES, Job, layer_of
-from interp.model import CodiModel, fast_layout
+from interp.model import LatentModel, fast_layout
 from interp.patching import latent_sites, patch_sites
 from interp.plan import Unit, batch_order, latent_sets
 from interp.score import default_metrics, unit_rows
@@ -63,7 +63,7 @@ FP32_TOL = 1e-4
 # ----------------------------------------------------------------------------- FLOPs
 
 
-def flops_per_token(model: CodiModel, context: int, logits: bool, projection: bool, blocks: int | None = None) -> float:
+def flops_per_token(model: LatentModel, context: int, logits: bool, projection: bool, blocks: int | None = None) -> float:
     """FLOPs of one token at `context` positions through the last `blocks` blocks (default all; see the module docstring)."""
     cfg = model.cfg
     n_kv = cfg.n_key_value_heads or cfg.n_heads
@@ -78,7 +78,7 @@ def flops_per_token(model: CodiModel, context: int, logits: bool, projection: bo
     return float(f)
 
 
-def needed_flops(model: CodiModel, corrupted, first_latent: int, strategy: str, answer_ids: Tensor, hook: str) -> float:
+def needed_flops(model: LatentModel, corrupted, first_latent: int, strategy: str, answer_ids: Tensor, hook: str) -> float:
     """The FLOPs a patched run at `hook` whose first patched latent is `first_latent` cannot avoid."""
     n_prompt, eot, seq_len = corrupted.latent_positions[0], corrupted.position("eot"), corrupted.seq_len
     blocks = model.cfg.n_layers
@@ -98,7 +98,7 @@ def needed_flops(model: CodiModel, corrupted, first_latent: int, strategy: str, 
     return total
 
 
-def matmul_flops_per_s(model: CodiModel, seconds: float = 1.0) -> float:
+def matmul_flops_per_s(model: LatentModel, seconds: float = 1.0) -> float:
     """The best FLOP/s of a large `F.linear` in the model's dtype on its device: the ideal the fraction refers to.
 
     `F.linear` with a contiguous [out, in] weight is the op (and layout) the model's matrices run
@@ -149,7 +149,7 @@ def config_family(hook: str) -> str:
     return SweepConfig(hook=hook).family
 
 
-def one_at_a_time(model: CodiModel, pt, site, strategy: str, family: str):
+def one_at_a_time(model: LatentModel, pt, site, strategy: str, family: str):
     """The package's one-test-at-a-time path, as a notebook user runs it: `interp.patch_sites`, one call per test."""
     return patch_sites(model, pt.corrupted, pt.clean, [site], strategy)
 
@@ -158,11 +158,11 @@ class NnsightPeer:
     """The nnsight baseline (benchmarks/baselines.py) on the plain transformers + peft model: the clean
     run's layer outputs once per pair (its own clean run), then one nnsight patch per test."""
 
-    def __init__(self, model: CodiModel, peer):
+    def __init__(self, model: LatentModel, peer):
         self.model, self.peer = model, peer
         self.clean: dict[str, Tensor] = {}  # pair id -> the clean run's layer outputs [n_layers, seq, d]
 
-    def __call__(self, model: CodiModel, pt, site, strategy: str, family: str):
+    def __call__(self, model: LatentModel, pt, site, strategy: str, family: str):
         from interp.engine import PatchResult, layer_of
 
         layout = pt.corrupted.layout
@@ -184,7 +184,7 @@ class NnsightPeer:
 
 
 def run_engine(
-    name: str, model: CodiModel, traces, config, *, batch_size: int | None, keep_logits: dict | None, compare_logits: dict | None, progress: bool, only: set | None = None, patch_one=None
+    name: str, model: LatentModel, traces, config, *, batch_size: int | None, keep_logits: dict | None, compare_logits: dict | None, progress: bool, only: set | None = None, patch_one=None
 ) -> tuple[EngineRun, float]:
     """Run every test of the sweep (or the units in `only`) with one engine: "fast" (the engine, batched),
     or one test per call with `patch_one(model, pt, site, strategy, family)` (the baselines). Returns the
@@ -418,7 +418,7 @@ def bench_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
 
 
-def layout_speedup(model: CodiModel, pt, repeats: int = 3) -> float:
+def layout_speedup(model: LatentModel, pt, repeats: int = 3) -> float:
     """How much faster one full-sequence forward pass runs in `fast_layout` than in the plain layout."""
     embeds = pt.corrupted.input_embeds[None]
     times = {}

@@ -24,7 +24,7 @@ from transformer_lens import ActivationCache
 
 from interp.engine import PatchResult, Site
 from interp.interventions import Clean, Intervention
-from interp.model import CodiModel, Generation, Trace, extract_answer
+from interp.model import Generation, LatentModel, Trace
 
 
 def site_hooks(sites: Sequence[Site], clean: Trace, intervention: Intervention, only: int | None = None) -> list:
@@ -50,7 +50,7 @@ def site_hooks(sites: Sequence[Site], clean: Trace, intervention: Intervention, 
 
 @torch.no_grad()
 def naive_patch(
-    model: CodiModel,
+    model: LatentModel,
     corrupted: Trace,
     clean: Trace,
     sites: Sequence[Site],
@@ -69,8 +69,8 @@ def naive_patch(
         for t in range(layout.num_latents - 1):
             pos = layout.latent(t)
             hooks = everywhere if strategy == "iterative" else site_hooks(sites, clean, intervention, only=pos)
-            out = model.forward(buf[:, : pos + 1], fwd_hooks=hooks, logit_positions=[])
-            buf[0, pos + 1] = model.project(out.final[0, -1]).to(buf)
+            out = model.forward(buf[:, : pos + 1], fwd_hooks=hooks, logit_positions=[], thoughts=True)
+            buf[0, pos + 1] = out.thoughts[0, -1].to(buf)
     elif strategy != "parallel":
         raise ValueError(f"unknown strategy {strategy!r}")
     final_hooks = [] if strategy == "feedback" else everywhere
@@ -86,12 +86,12 @@ def naive_patch(
     decode_from = layout.decode_start + 1
     for _ in range(max_new_tokens):
         x = torch.cat([buf[:, :decode_from], model.embed(torch.tensor([ids], dtype=torch.long))], dim=1) if ids else buf[:, :decode_from]
-        ids.append(int(model.forward(x, fwd_hooks=final_hooks, logit_positions=[x.shape[1] - 1]).logits[0, -1, : model.eot_id].argmax()))
+        ids.append(int(model.forward(x, fwd_hooks=final_hooks, logit_positions=[x.shape[1] - 1]).logits[0, -1, : model.decode_vocab].argmax()))
         if ids[-1] == model.eos_id:
             break
     answer = torch.tensor(ids, dtype=torch.long)
     text = model.tokenizer.decode(answer, skip_special_tokens=True)
-    generation = Generation(corrupted.generation.question_ids, latents, answer, text, extract_answer(text))
+    generation = Generation(corrupted.generation.question_ids, latents, answer, text, model.extract_answer(text))
     return PatchResult(
         answer_logits=out.logits[0, layout.answer_position],
         next_logits=out.logits[0, -1],

@@ -1,32 +1,40 @@
-"""interp: mechanistic interpretability of CODI's continuous latent thoughts on TransformerLens.
+"""interp: mechanistic interpretability of continuous latent thoughts (CODI, Coconut) on TransformerLens.
 
 `import interp` is enough for a notebook::
 
-    model = interp.load_default()                      # or interp.load_codi("zen-E/CODI-gpt2")
+    model = interp.load_default()                      # or interp.load_model("zen-E/CODI-gpt2"), interp.load_coconut(path, "gpt2")
     pt = interp.trace_pair(model, pair)                # .clean, .corrupted traces
     r = interp.patch(model, pt.corrupted, pt.clean, ("resid_post", 2), 3, "iterative", intervention=interp.Zero())
 """
 
 from interp.engine import STRATEGIES, BatchPatcher, Job, PatchError, PatchResult, Site
+from interp.family import COCONUT, CODI, Family
 from interp.hooks import at_positions
 from interp.interventions import Add, Clean, Intervention, Mean, Zero
 from interp.layout import SequenceLayout
-from interp.loading import CheckpointError, load_codi, load_default
-from interp.model import CodiModel, Generation, Trace
+from interp.loading import CheckpointError, load_coconut, load_codi, load_default, load_model
+from interp.model import Generation, LatentModel, Trace
 from interp.patching import patch, patch_sites
 from interp.sweep import SweepConfig, run_sweep
 from interp.trace import PairTraces, trace_pair
+
+#: the name of `LatentModel` before a second family existed
+CodiModel = LatentModel
 
 __all__ = [
     "STRATEGIES",
     "Add",
     "BatchPatcher",
+    "COCONUT",
+    "CODI",
     "CheckpointError",
     "Clean",
     "CodiModel",
+    "Family",
     "Generation",
     "Intervention",
     "Job",
+    "LatentModel",
     "Mean",
     "PairTraces",
     "PatchError",
@@ -37,8 +45,10 @@ __all__ = [
     "Trace",
     "Zero",
     "at_positions",
+    "load_coconut",
     "load_codi",
     "load_default",
+    "load_model",
     "patch",
     "patch_sites",
     "run_sweep",

@@ -20,61 +20,68 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (default: the embedded model shipped with interp)")
     g.add_argument(
         "--checkpoint",
-        help="CODI checkpoint: a hub id (zen-E/CODI-gpt2, zen-E/CODI-llama3.2-1b-Instruct), a directory or a file (model.safetensors / pytorch_model.bin)",
+        help="CODI or Coconut checkpoint (the family is read from its keys): a hub id (zen-E/CODI-gpt2, zen-E/CODI-llama3.2-1b-Instruct), "
+        "a directory or a file (CODI: model.safetensors / pytorch_model.bin; Coconut: checkpoint_N, the latest in a directory)",
     )
     g.add_argument(
         "--base",
         help="base model: a hub id or a local Hugging Face directory (config + tokenizer); optional for the official "
-        "hub checkpoints (CODI-gpt2 -> gpt2, CODI-llama3.2-1b-Instruct -> meta-llama/Llama-3.2-1B-Instruct)",
+        "CODI hub checkpoints (CODI-gpt2 -> gpt2, CODI-llama3.2-1b-Instruct -> meta-llama/Llama-3.2-1B-Instruct), required for Coconut",
     )
     g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of --checkpoint")
     g.add_argument("--base-revision", default=None, help="hub revision of --base")
     g.add_argument(
         "--lora-alpha",
         type=float,
-        default=32.0,
-        help="LoRA alpha: not stored in checkpoints; official code default 16, released scripts 32 (default 32). The value used is printed when the model loads",
+        default=None,
+        help="CODI only. LoRA alpha: not stored in checkpoints; official code default 16, released scripts 32 (default 32). The value used is printed when the model loads",
     )
-    g.add_argument("--num-latents", type=int, default=6)
+    g.add_argument("--num-latents", type=int, default=6, help="continuous thoughts (default 6; `generate` takes 0: no thoughts)")
     g.add_argument(
         "--remove-eos",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="--remove-eos (default, the released scripts): [question, bot] and [eot] before decoding; --no-remove-eos (the official code's default): [question, eos, bot] and [eot, eos]",
+        default=None,
+        help="CODI only. --remove-eos (default, the released scripts): [question, bot] and [eot] before decoding; --no-remove-eos (the official code's default): [question, eos, bot] and [eot, eos]",
     )
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     g.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
 
 
+def model_spec(args: argparse.Namespace):
+    """The `ModelSpec` the arguments name (the CLI and the Ray workers load the model from it)."""
+    from interp.executor import ModelSpec
+
+    if args.checkpoint is None and args.base is not None:
+        raise UsageError("--base needs --checkpoint (or give neither for the embedded model)")
+    return ModelSpec(
+        checkpoint=args.checkpoint or "embedded",
+        base=args.base,
+        dtype=args.dtype,
+        device=args.device or "auto",
+        lora_alpha=args.lora_alpha,
+        num_latents=args.num_latents,
+        remove_eos=args.remove_eos,
+        revision=args.revision,
+        base_revision=args.base_revision,
+    )
+
+
 def load_model(args: argparse.Namespace):
     """The model the arguments name; its `load_options` are kept on `args` for `model_provenance`."""
-    from interp.loading import load_codi, load_default
-
-    dtype = DTYPES[args.dtype]
-    if args.checkpoint is None and args.base is None:
-        model = load_default(dtype=dtype, device=args.device)
-    elif args.checkpoint is None:
-        raise SystemExit("error: --base needs --checkpoint (or give neither for the embedded model)")
-    else:
-        model = load_codi(
-            args.checkpoint,
-            args.base,
-            lora_alpha=args.lora_alpha,
-            num_latents=args.num_latents,
-            remove_eos=args.remove_eos,
-            dtype=dtype,
-            device=args.device,
-            revision=args.revision,
-            base_revision=args.base_revision,
-        )
-        o = model.load_options
+    model = model_spec(args).load()
+    o = model.load_options
+    if args.checkpoint is not None:
         base = o["base"]["ref"] if isinstance(o["base"], dict) else o["base"]
-        print(
-            f"loaded {args.checkpoint} on base {base}: lora_alpha {o['lora_alpha']:g} (LoRA rank {o['lora_rank']}; alpha is not "
-            f"stored in checkpoints: official code default 16, released scripts 32), remove_eos {o['remove_eos']}",
-            file=sys.stderr,
-        )
-    args.load_options = model.load_options
+        if o["family"] == "codi":
+            detail = (
+                f"lora_alpha {o['lora_alpha']:g} (LoRA rank {o['lora_rank']}; alpha is not stored in checkpoints: official code default 16, "
+                f"released scripts 32), remove_eos {o['remove_eos']}"
+            )
+        else:
+            ckpt = o["checkpoint"]["path"] if isinstance(o["checkpoint"], dict) else o["checkpoint"]
+            detail = f"{ckpt}, {o['num_latents']} thoughts (not stored in checkpoints)"
+        print(f"loaded {o['family']} checkpoint {args.checkpoint} on base {base}: {detail}", file=sys.stderr)
+    args.load_options = o
     return model
 
 
@@ -174,21 +181,11 @@ def ray_executor(args: argparse.Namespace):
     """(RayExecutor, ModelSpec) for `--ray [ADDRESS] --workers N`, or (None, None) to run in this process."""
     if args.ray is None:
         return None, None
-    from interp.executor import ModelSpec, RayExecutor
+    from interp.executor import RayExecutor
 
     if args.workers < 1:
         raise UsageError(f"--workers {args.workers}: accepted: 1 or more")
-    spec = ModelSpec(
-        checkpoint=args.checkpoint or "embedded",
-        base=args.base,
-        dtype=args.dtype,
-        device=args.device or "auto",
-        lora_alpha=args.lora_alpha,
-        num_latents=args.num_latents,
-        remove_eos=args.remove_eos,
-        revision=args.revision,
-        base_revision=args.base_revision,
-    )
+    spec = model_spec(args)
     try:
         return RayExecutor(address=args.ray or None, workers=args.workers), spec
     except ImportError as exc:
@@ -380,7 +377,7 @@ class OneLineParser(argparse.ArgumentParser):
 def check_model_args(args: argparse.Namespace) -> None:
     """The model arguments that can be checked without loading anything: UsageError, one line.
 
-    `--device`: cpu, cuda or cuda:N, and CUDA only where it is available; `--num-latents`: 1 or more,
+    `--device`: cpu, cuda or cuda:N, and CUDA only where it is available; `--num-latents`: 1 or more (0 for `generate`),
     and for the embedded model (no --checkpoint) only its own number, since it is trained with it;
     `--base`: a local directory's config.json must be JSON.
     """
@@ -392,8 +389,9 @@ def check_model_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--device {args.device}: accepted: cpu, cuda, cuda:N")
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise UsageError(f"--device {args.device}: CUDA is not available on this machine; accepted: cpu")
-    if args.num_latents is not None and args.num_latents < 1:
-        raise UsageError(f"--num-latents {args.num_latents}: accepted: 1 or more")
+    least = 0 if args.command == "generate" else 1  # sweeps and analyses need a thought to patch
+    if args.num_latents is not None and args.num_latents < least:
+        raise UsageError(f"--num-latents {args.num_latents}: accepted: {least} or more")
     if args.checkpoint is None and args.base is None:
         from interp.loading import EMBEDDED_DIR
 

@@ -16,7 +16,7 @@ is written, `interp.interventions`) and a strategy (which paths the written valu
   positions only through the projection. Sites must be latent positions.
 
 All three then run [eot, eot suffix, prefix, answer...] over the KV cache (teacher-forced) and
-decode greedily from there (`CodiModel.greedy_decode`, reusing the teacher-forced columns while the
+decode greedily from there (`LatentModel.greedy_decode`, reusing the teacher-forced columns while the
 greedy tokens equal them, then checking the clean and corrupted runs' own decodes, and the latest
 distinct decodes of the pair's earlier patched runs, as drafts: a row whose greedy tokens follow one
 of them decodes in one wide pass instead of one pass per token).
@@ -50,7 +50,7 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from interp.hooks import HEAD_HOOKS, NOT_POSITIONAL, Hook
 from interp.interventions import Clean, Intervention, Zero
 from interp.kvcache import expand_cache, left_padded_cache
-from interp.model import CodiModel, Generation, Trace, extract_answer
+from interp.model import Generation, LatentModel, Trace
 
 Strategy = Literal["parallel", "iterative", "feedback"]
 STRATEGIES: tuple[Strategy, ...] = ("parallel", "iterative", "feedback")
@@ -143,7 +143,7 @@ def layer_of(hook: str) -> int | None:
     return int(parts[1]) if parts[0] == "blocks" and len(parts) > 1 and parts[1].isdigit() else None
 
 
-def check_hook(model: CodiModel, hook: str, head: int | None = None) -> None:
+def check_hook(model: LatentModel, hook: str, head: int | None = None) -> None:
     """Raise a clear error for an unknown hook name or an out-of-range head."""
     if hook not in model.model.hook_dict:
         layer = layer_of(hook)
@@ -173,7 +173,7 @@ def check_aligned(corrupted: Trace, clean: Trace) -> None:
         raise PatchError("traces place their latents or answer at different positions; they cannot be patched into each other")
 
 
-def check_job(model: CodiModel, trace: Trace, job: Job) -> None:
+def check_job(model: LatentModel, trace: Trace, job: Job) -> None:
     """Every check a job must pass before anything runs."""
     if job.strategy not in STRATEGIES:
         raise PatchError(f"unknown strategy {job.strategy!r}; use one of {STRATEGIES}")
@@ -204,7 +204,7 @@ def _mem_available_bytes() -> int | None:
     return None
 
 
-def row_bytes(model: CodiModel, seq_len: int, chunk_len: int, n_logits: int) -> int:
+def row_bytes(model: LatentModel, seq_len: int, chunk_len: int, n_logits: int) -> int:
     """An upper estimate of the memory one row of a batch needs at its peak.
 
     KV cache (twice: appending copies), the activations of one layer for a chunk (residual,
@@ -220,7 +220,7 @@ def row_bytes(model: CodiModel, seq_len: int, chunk_len: int, n_logits: int) -> 
     return int(1.5 * (kv + layer + scores + logits)) + 64 * 1024
 
 
-def choose_batch_size(model: CodiModel, seq_len: int, chunk_len: int, n_logits: int, override: int | None = None) -> int:
+def choose_batch_size(model: LatentModel, seq_len: int, chunk_len: int, n_logits: int, override: int | None = None) -> int:
     """Rows per forward pass: `override` if given, else what fits in free memory (capped by MAX_ROWS).
 
     CUDA: half of `torch.cuda.mem_get_info`'s free memory; CPU: a quarter of MemAvailable, at most
@@ -327,7 +327,7 @@ class BatchPatcher:
 
     def __init__(
         self,
-        model: CodiModel,
+        model: LatentModel,
         pairs: Sequence[tuple[Trace, Trace]],
         *,
         capture: str | None = None,
@@ -517,8 +517,9 @@ class BatchPatcher:
             first = start - width
             if start < width:  # sites in the prompt: run it from the first one, then latent 0 from bot
                 embeds, mask = self._columns(rows, start, width)
-                out = model.forward(embeds, kv_cache=cache, attention_mask=mask, fwd_hooks=all_hooks(start, width - start), logit_positions=[], start=start)
-                latents[:, 0] = model.project(out.final[:, -1]).to(latents)
+                out = model.forward(embeds, kv_cache=cache, attention_mask=mask, fwd_hooks=all_hooks(start, width - start), logit_positions=[], start=start, thoughts=k > 0)
+                if k > 0:
+                    latents[:, 0] = out.thoughts[:, -1].to(latents)
                 self.stats["forwards"] += 1
                 first = 0
             if strategy == "iterative":
@@ -566,7 +567,7 @@ class BatchPatcher:
             gen = None
             if ids is not None:
                 text = model.tokenizer.decode(ids, skip_special_tokens=True)
-                gen = Generation(pair.corrupted.generation.question_ids, lat, ids, text, extract_answer(text))
+                gen = Generation(pair.corrupted.generation.question_ids, lat, ids, text, model.extract_answer(text))
             cache = None
             if self.capture_names:
                 values = {}
@@ -581,7 +582,7 @@ class BatchPatcher:
         return results
 
 
-def full_cache_pass(model: CodiModel, corrupted: Trace, clean: Trace, job: Job, latents: Tensor) -> ActivationCache:
+def full_cache_pass(model: LatentModel, corrupted: Trace, clean: Trace, job: Job, latents: Tensor) -> ActivationCache:
     """The cache of one teacher-forced pass over the corrupted sequence with the fed `latents`
     [K, d_model] and the job's intervention applied at its sites (parallel, iterative: equal to
     the patched run) or nowhere (feedback: the activations later positions attended to)."""

@@ -31,11 +31,11 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import torch
 
 if TYPE_CHECKING:
-    from interp.model import CodiModel
+    from interp.model import LatentModel
 
 U = TypeVar("U")
 Rows = list[dict[str, Any]]
-WorkFn = Callable[["CodiModel", list[U]], Sequence[Rows]]
+WorkFn = Callable[["LatentModel", list[U]], Sequence[Rows]]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -44,17 +44,19 @@ class ModelSpec:
     """How a worker loads the model: small and picklable, unlike the model.
 
     checkpoint: "embedded" (interp.load_default), a hub id or a path a worker can read (directory or
-    file in the official CODI format); `base` a hub id or local directory (None: the release's default). device "auto": CUDA when the
-    worker sees a GPU, else CPU.
+    file of a CODI or Coconut checkpoint: `interp.load_model` picks the family); `base` a hub id or
+    local directory (None: the CODI release's default). device "auto": CUDA when the worker sees a
+    GPU, else CPU. `lora_alpha` and `remove_eos` are CODI's options: None leaves the loader's
+    default (32, True), and a Coconut checkpoint refuses them when given.
     """
 
     checkpoint: str = "embedded"
     base: str | None = None
     dtype: str = "float32"
     device: str = "auto"
-    lora_alpha: float = 32.0
+    lora_alpha: float | None = None
     num_latents: int = 6
-    remove_eos: bool = True
+    remove_eos: bool | None = None
     revision: str | None = None
     base_revision: str | None = None
 
@@ -67,23 +69,16 @@ class ModelSpec:
             return "cuda" if torch.cuda.is_available() else "cpu"
         return self.device
 
-    def load(self) -> CodiModel:
-        from interp.loading import load_codi, load_default
+    def load(self) -> LatentModel:
+        """The model: the one place the CLI and the Ray workers load one."""
+        from interp.loading import load_default, load_model
 
         dtype, device = DTYPES[self.dtype], self.resolved_device()
         if self.checkpoint == "embedded":
             return load_default(dtype=dtype, device=device)
-        return load_codi(
-            self.checkpoint,
-            self.base,
-            lora_alpha=self.lora_alpha,
-            num_latents=self.num_latents,
-            remove_eos=self.remove_eos,
-            revision=self.revision,
-            base_revision=self.base_revision,
-            dtype=dtype,
-            device=device,
-        )
+        codi_only = {"lora_alpha": self.lora_alpha, "remove_eos": self.remove_eos}
+        options = {k: v for k, v in codi_only.items() if v is not None}
+        return load_model(self.checkpoint, self.base, num_latents=self.num_latents, revision=self.revision, base_revision=self.base_revision, dtype=dtype, device=device, **options)
 
 
 def batches(units: Sequence[U], batch_size: int) -> list[list[U]]:
@@ -93,7 +88,7 @@ def batches(units: Sequence[U], batch_size: int) -> list[list[U]]:
     return [list(units[i : i + batch_size]) for i in range(0, len(units), batch_size)]
 
 
-def _run_batch(work_fn: WorkFn, model: CodiModel, batch: list[U]) -> list[Rows]:
+def _run_batch(work_fn: WorkFn, model: LatentModel, batch: list[U]) -> list[Rows]:
     rows = list(work_fn(model, batch))
     if len(rows) != len(batch):
         raise ValueError(f"work_fn returned rows for {len(rows)} units, expected {len(batch)} (one list of rows per unit)")
@@ -104,7 +99,7 @@ class LocalExecutor(Generic[U]):
     """Runs every batch in this process, in order. `model`: an already loaded model used for every call
     instead of loading one from the spec (what a single-process sweep has at hand)."""
 
-    def __init__(self, model: CodiModel | None = None):
+    def __init__(self, model: LatentModel | None = None):
         self.model = model
 
     def map_units(self, model_spec: ModelSpec, units: Sequence[U], work_fn: WorkFn, *, batch_size: int = 1) -> Iterator[tuple[U, Rows]]:

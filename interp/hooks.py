@@ -2,7 +2,7 @@
 
 CODI runs in chunks (the prompt, one latent per step, then eot and the answer), so a plain
 TransformerLens hook function sees chunk-relative positions. `at_positions(fn, positions)` marks a
-hook function to be applied at absolute sequence positions: `CodiModel.forward` binds it to each
+hook function to be applied at absolute sequence positions: `LatentModel.forward` binds it to each
 chunk (knowing the chunk's first absolute position and each row's left padding) and calls `fn` on
 the activations of exactly those positions, `[batch, len(positions in chunk), ...]`, writing back
 what it returns (or what it changed in place).
@@ -73,7 +73,7 @@ def at_positions(fn: HookFn, positions: int | Sequence[int]) -> PositionalHook:
     """Apply the TransformerLens hook function `fn(activation, hook)` at absolute `positions` only.
 
     `fn` gets `activation[:, positions in this chunk]` ([batch, n, ...]) and returns the new values
-    (or None after changing them in place). Use it in `fwd_hooks` of `CodiModel.generate`, `trace`,
+    (or None after changing them in place). Use it in `fwd_hooks` of `LatentModel.generate`, `trace`,
     `run_with_hooks` and `run_with_cache`.
     """
     positions = (positions,) if isinstance(positions, int) else tuple(int(p) for p in positions)

@@ -1,15 +1,21 @@
-"""`CodiModel`: the one place that runs the network.
+"""`LatentModel`: the one place that runs the network, for both families (CODI and Coconut).
 
-Every forward pass goes through `CodiModel.forward`, which takes input embeddings (tokens are
+Every forward pass goes through `LatentModel.forward`, which takes input embeddings (tokens are
 embedded with `W_E` first), so the question, the latents and the answer tokens are all fed the
 same way. Positions follow `interp.layout.SequenceLayout`:
 
     [question] [question suffix] [bot] [latent[0] .. latent[K-1]] [eot] [eot suffix] [answer prefix] [answer]
 
-The latent loop: latent 0's input embedding is `prj(h)` where `h` is the final-normed last-layer
-state (HF's `hidden_states[-1]`) at bot; latent t+1's is `prj` of the state at latent t. The loop
-runs one position per forward pass over a KV cache (`latent_steps`), the one greedy decode is
-`greedy_decode`; generation, traces and the patching engine all use these two.
+(`bot`/`eot` are the family's begin/end-of-thoughts markers: CODI's bot and eot, Coconut's
+`<|start-latent|>` and `<|end-latent|>`; see `interp.family`.)
+
+The latent loop: latent 0's input embedding is the thought map of `h`, the final-normed last-layer
+state (HF's `hidden_states[-1]`) at bot; latent t+1's is the thought map of the state at latent t.
+The thought map is CODI's `prj` or, for Coconut, the identity; it runs through the hook points
+`prj.hook_in`, `prj.hook_hidden` (CODI only) and `hook_thought` (the vector fed next), so at
+position p the cache holds the thought the model makes there. The loop runs one position per
+forward pass over a KV cache (`latent_steps`), the one greedy decode is `greedy_decode`;
+generation, traces and the patching engine all use these two.
 
 Hooks are TransformerLens hook names. A hook function sees the activations of the chunk being run;
 wrap it in `interp.at_positions(fn, positions)` to have it applied at absolute sequence positions,
@@ -18,7 +24,7 @@ whichever chunk (prompt, one latent step, the answer) holds them.
 
 from __future__ import annotations
 
-import re
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,23 +33,17 @@ import torch
 from torch import Tensor, nn
 from transformer_lens import ActivationCache, HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities import apply_softcap
 
 from interp.data.align import answer_ids, answer_text
+from interp.family import CODI, Answer, Family
 from interp.hooks import Hook, bind_hooks
 from interp.kvcache import select_rows
 from interp.layout import SequenceLayout
 
 #: (chunk start column, chunk length) -> hooks for that chunk; lets a caller write at absolute positions.
 ChunkHooks = Callable[[int, int], Sequence[Hook]]
-
-NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
-
-
-def extract_answer(text: str) -> float | None:
-    """The official CODI rule: the last number in the text, commas removed; None if there is none."""
-    numbers = NUMBER_RE.findall(text.replace(",", ""))
-    return float(numbers[-1]) if numbers else None
 
 
 def draft_feed(generated: Sequence[int], drafts: Sequence[Sequence[int]], max_new_tokens: int, eos: int) -> list[int]:
@@ -62,26 +62,30 @@ def draft_feed(generated: Sequence[int], drafts: Sequence[Sequence[int]], max_ne
 
 @dataclass
 class ForwardOutput:
-    """logits [batch, pos, d_vocab]; final [batch, pos, d_model] (final-normed, what prj reads)."""
+    """logits [batch, pos, d_vocab]; final [batch, pos, d_model] (final-normed, what the thought map
+    reads); thoughts [batch, pos, d_model] (the thought map's output at every position) when asked."""
 
     logits: Tensor
     final: Tensor
     cache: ActivationCache | None = None
+    thoughts: Tensor | None = None
 
 
 @dataclass
 class Generation:
-    """One greedy CODI generation.
+    """One greedy generation.
 
-    question_ids [q] (with BOS, without bot); latents [num_latents, d_model], the fed latent
-    embeddings; answer_ids [n], the tokens generated after eot up to and including eos.
+    question_ids [q] (the question as the family writes and tokenizes it, BOS included where the
+    tokenizer adds one, without bot); latents [num_latents, d_model], the fed thoughts; answer_ids
+    [n], the tokens generated after eot up to and including eos; answer: by the family's rule
+    (a number, a text such as a ProsQA sentence, or None).
     """
 
     question_ids: Tensor
     latents: Tensor
     answer_ids: Tensor
     text: str
-    answer: float | None
+    answer: Answer
 
 
 @dataclass
@@ -110,7 +114,7 @@ class Trace:
     answer_ids: Tensor | None = None
 
     @property
-    def answer(self) -> float | None:
+    def answer(self) -> Answer:
         return self.generation.answer
 
     @property
@@ -128,10 +132,6 @@ class Trace:
     @property
     def position_names(self) -> list[str]:
         return self.layout.names
-
-    @property
-    def num_question_tokens(self) -> int:
-        return self.layout.n_question
 
     def position(self, name: str) -> int:
         """Absolute position of a named position (`bot`, `latent[2]`, `eot`, `answer`, `q[0]`)."""
@@ -157,7 +157,7 @@ _LAYOUT = {
 }
 
 
-def fast_layout(model: CodiModel, enable: bool = True) -> int:
+def fast_layout(model: LatentModel, enable: bool = True) -> int:
     """Store the weights in the layout TransformerLens's forward asks for (enable=False: plain layout).
 
     Values are unchanged and results are bitwise identical; only the strides of the parameters
@@ -182,28 +182,52 @@ def fast_layout(model: CodiModel, enable: bool = True) -> int:
     return changed
 
 
+class PrjHooks(nn.Module):
+    """CODI's `prj` hook points, registered on the `HookedTransformer` (they hold no parameters)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hook_in = HookPoint()  # [batch, pos, d_model]: the final-normed state prj reads
+        self.hook_hidden = HookPoint()  # [batch, pos, d_prj]: after Linear and GELU
+
+
 @dataclass
-class CodiModel:
-    """A CODI model: a `HookedTransformer`, its tokenizer, the projection `prj` and the special ids."""
+class LatentModel:
+    """A continuous-thought model: a `HookedTransformer`, its tokenizer, the thought map and the markers.
+
+    prj: CODI's projection (Dropout -> Linear -> GELU -> Linear [-> LayerNorm]); None for Coconut,
+    whose thought map is the identity. bot_id / eot_id: the begin/end-of-thoughts markers (CODI's
+    bot and eot; Coconut's `<|start-latent|>` and `<|end-latent|>`); pad_id fills left padding.
+    family: the text format (`interp.family`). Loaders: `interp.load_codi`, `interp.load_coconut`,
+    `interp.load_model` (either, by the checkpoint's keys).
+    """
 
     model: HookedTransformer
     tokenizer: Any
-    prj: nn.Module
+    prj: nn.Module | None
     pad_id: int
     bot_id: int
     eot_id: int
     num_latents: int = 6
-    answer_prefix: str = "The answer is:"
+    answer_prefix: str = CODI.answer_prefix
     lora: dict[str, Any] = field(default_factory=dict)
-    #: tokens fed after the question, before bot ([eos] for checkpoints trained with remove_eos=False)
+    #: tokens fed after the question, before bot ([eos] for CODI checkpoints trained with remove_eos=False)
     question_suffix_ids: tuple[int, ...] = ()
-    #: tokens fed after eot, before decoding ([eos] for checkpoints trained with remove_eos=False)
+    #: tokens fed after eot, before decoding ([eos] for CODI checkpoints trained with remove_eos=False)
     eot_suffix_ids: tuple[int, ...] = ()
     #: how the model was loaded (checkpoint, base, lora_alpha, ...), for provenance
     load_options: dict[str, Any] = field(default_factory=dict)
+    family: Family = CODI
 
     def __post_init__(self) -> None:
+        if self.num_latents < 0:
+            raise ValueError(f"num_latents must be >= 0, got {self.num_latents}")
         fast_layout(self)  # same values, bitwise the same results, no per-pass weight copies
+        if "hook_thought" not in self.model.hook_dict:  # the thought map's hook points, by name like every other hook
+            self.model.hook_thought = HookPoint()
+            if self.prj is not None:
+                self.model.prj = PrjHooks()
+            self.model.setup()
 
     # ------------------------------------------------------------------ basics
 
@@ -219,9 +243,29 @@ class CodiModel:
     def eos_id(self) -> int:
         return int(self.tokenizer.eos_token_id)
 
+    @property
+    def decode_vocab(self) -> int:
+        """Greedy decoding (and the lens) consider ids < this: eot for CODI, the whole vocabulary for Coconut."""
+        return self.eot_id if self.family.decode_below_eot else self.cfg.d_vocab_out
+
+    def with_latents(self, num_latents: int) -> LatentModel:
+        """The same network run with another number of thoughts (0 included); shares every weight."""
+        if num_latents == self.num_latents:
+            return self
+        if num_latents < 0:
+            raise ValueError(f"num_latents must be >= 0, got {num_latents}")
+        other = copy.copy(self)
+        other.num_latents = num_latents
+        return other
+
+    def extract_answer(self, text: str) -> Answer:
+        """The answer in a decoded text, by the family's official rule (`interp.family`)."""
+        return self.family.extract_answer(text)
+
     def encode(self, question: str) -> Tensor:
-        """Question token ids [q] as the official loop builds them: the tokenizer's BOS, no bot."""
-        return torch.tensor(self.tokenizer(question)["input_ids"], dtype=torch.long)
+        """Question token ids [q] as the official loop builds them: the family's text (Coconut adds
+        a newline), with the tokenizer's special tokens (BOS where it adds one), no bot."""
+        return torch.tensor(self.tokenizer(self.family.question_text(question))["input_ids"], dtype=torch.long)
 
     def prefix_ids(self) -> Tensor:
         """Token ids [p] of the answer prefix, as written after eot."""
@@ -238,9 +282,13 @@ class CodiModel:
         """Input embeddings [..., d_model] of token ids (rows of W_E)."""
         return self.model.W_E[tokens.to(self.device)]
 
-    def project(self, final: Tensor) -> Tensor:
-        """The next latent's input embedding from a final-normed state [..., d_model]."""
-        return self.prj(final)
+    def thought_map(self, final: Tensor) -> Tensor:
+        """The next thought's input embedding from final-normed states [batch, pos, d_model], through
+        the hook points (`prj.hook_in`, `prj.hook_hidden`, `hook_thought`): call it where hooks are active."""
+        if self.prj is None:
+            return self.model.hook_thought(final)
+        hidden = self.model.prj.hook_hidden(self.prj[:3](self.model.prj.hook_in(final)))  # Dropout, Linear, GELU
+        return self.model.hook_thought(self.prj[3:](hidden))  # Linear [, LayerNorm]
 
     # ------------------------------------------------------------------ the forward pass
 
@@ -257,6 +305,7 @@ class CodiModel:
         start: int = 0,
         offsets: Sequence[int] | None = None,
         start_layer: int = 0,
+        thoughts: bool = False,
     ) -> ForwardOutput:
         """Run the network on input embeddings [batch, pos, d_model] (with `start_layer` L > 0: on
         the residual stream entering block L, `blocks.L.hook_resid_pre`, running blocks L.. only;
@@ -267,7 +316,8 @@ class CodiModel:
         used it is appended to the cache's mask. `start` is the chunk's first column and
         `offsets[r]` row r's left padding: hooks made with `interp.at_positions` are bound with
         them. User hooks run before the internal capture of the final-normed state, so a hook that
-        patches it changes what `prj` reads. `logit_positions` (chunk-relative) unembeds only
+        patches it changes what the thought map reads. `thoughts` (always with `with_cache`) runs the
+        thought map over every position of the chunk, with its hooks (`ForwardOutput.thoughts`). `logit_positions` (chunk-relative) unembeds only
         those positions: logits are then [batch, len(logit_positions), d_vocab] (empty list: no
         unembedding at all); the same modules run, so the values equal the full logits there.
         """
@@ -294,14 +344,15 @@ class CodiModel:
             if logit_positions is not None:  # the residual: finish the pass at the chosen positions
                 normed = self.model.ln_final(logits)
                 logits = apply_softcap(self.model.unembed(normed[:, list(logit_positions)]), self.cfg.output_logits_soft_cap)
+            # hook_normalized is the normalized x before the norm's weight (and LayerNorm's bias); HF's
+            # hidden_states[-1] (what the thought map reads) includes them. In bf16/fp16 TransformerLens
+            # normalizes in fp32 and casts back before the weight (as HF does).
+            final = captured["normalized"].to(self.cfg.dtype) * self.model.ln_final.w
+            if self.cfg.normalization_type == "LN":
+                final = final + self.model.ln_final.b
+            made = self.thought_map(final) if thoughts or with_cache else None
         cache = ActivationCache(cache_dict, self.model) if with_cache else None
-        # hook_normalized is the normalized x before the norm's weight (and LayerNorm's bias); HF's
-        # hidden_states[-1] (what prj reads) includes them. In bf16/fp16 TransformerLens normalizes in
-        # fp32 and casts back before the weight (as HF does).
-        final = captured["normalized"].to(self.cfg.dtype) * self.model.ln_final.w
-        if self.cfg.normalization_type == "LN":
-            final = final + self.model.ln_final.b
-        return ForwardOutput(logits=logits, final=final, cache=cache)
+        return ForwardOutput(logits=logits, final=final, cache=cache, thoughts=made)
 
     def _position_embeds(self, batch: int, n: int, mask: Tensor | None) -> Tensor:
         """Learned position embeddings [batch, n, d_model] of a chunk, through `hook_pos_embed`.
@@ -360,29 +411,30 @@ class CodiModel:
         feedback_hooks: ChunkHooks | None = None,
         offsets: Sequence[int] | None = None,
     ) -> None:
-        """The latent loop from latent `first` on: feed latent t, project its state into latent t+1.
+        """The latent loop from latent `first` on: feed latent t, map its state into latent t+1.
 
         latents [batch, K, d_model]: latent `first` must hold its input; latents after it are
         overwritten with what the loop feeds. Latent t sits at column `width + t`.
         `hooks(start, length)` are active in every pass. `feedback_hooks(start, length)` (the
         feedback strategy) are active only in a pass whose keys and values are not kept: at a step
-        where they apply, the position is run with them on a frozen cache (its state projected into
+        where they apply, the position is run with them on a frozen cache (its state mapped into
         the next latent), then again without them, which is what later positions attend to.
         """
         for t in range(first, self.num_latents):
             col, x = width + t, latents[:, t : t + 1]
             extra = list(feedback_hooks(col, 1)) if feedback_hooks is not None else []
+            fed = t + 1 < self.num_latents  # the thought made at the last latent is not fed
             if extra:
                 kv_cache.freeze()
                 try:
-                    out = self.forward(x, kv_cache=kv_cache, fwd_hooks=[*hooks(col, 1), *extra], logit_positions=[], start=col, offsets=offsets)
+                    out = self.forward(x, kv_cache=kv_cache, fwd_hooks=[*hooks(col, 1), *extra], logit_positions=[], start=col, offsets=offsets, thoughts=fed)
                 finally:
                     kv_cache.unfreeze()
                 self.forward(x, kv_cache=kv_cache, fwd_hooks=hooks(col, 1), logit_positions=[], start=col, offsets=offsets)
             else:
-                out = self.forward(x, kv_cache=kv_cache, fwd_hooks=hooks(col, 1), logit_positions=[], start=col, offsets=offsets)
-            if t + 1 < self.num_latents:
-                latents[:, t + 1] = self.project(out.final[:, -1]).to(latents)
+                out = self.forward(x, kv_cache=kv_cache, fwd_hooks=hooks(col, 1), logit_positions=[], start=col, offsets=offsets, thoughts=fed)
+            if fed:
+                latents[:, t + 1] = out.thoughts[:, -1].to(latents)
 
     def greedy_decode(
         self,
@@ -402,8 +454,8 @@ class CodiModel:
         tokens fed at the other n-1 columns (-1 = right padding; None when n = 1). While a row's
         greedy token equals the forced one, the forced column is the decode's own step (the same
         computation) and is reused; from the first disagreement the row's remaining forced
-        columns are masked out. Logits are restricted to ids < eot (the official code drops the
-        last vocabulary row). Returns per row the generated ids up to and including eos (at most
+        columns are masked out. Logits are restricted to ids < `decode_vocab` (CODI: < eot, as the
+        official code drops the last vocabulary row; Coconut: the whole vocabulary). Returns per row the generated ids up to and including eos (at most
         `max_new_tokens`). Hooks apply to the decode passes.
 
         drafts: per row, candidate decodes (token lists from the first generated token on, e.g. the
@@ -416,7 +468,7 @@ class CodiModel:
         b, n = logits.shape[:2]
         eos, device = self.eos_id, self.device
         first_col = kv_cache.previous_attention_mask.shape[1] - n  # column of the logits' first position
-        greedy = logits[:, :, : self.eot_id].argmax(dim=-1)  # [b, n]
+        greedy = logits[:, :, : self.decode_vocab].argmax(dim=-1)  # [b, n]
         if n > 1:
             agree = (greedy[:, :-1] == forced.to(device)) & (greedy[:, :-1] != eos)
             accepted = agree.long().cumprod(dim=1).sum(dim=1)
@@ -442,7 +494,7 @@ class CodiModel:
                 chunk_mask[i, : len(f)] = 1
             col = kv_cache.previous_attention_mask.shape[1]
             out = self.forward(self.embed(ids), kv_cache=kv_cache, attention_mask=chunk_mask, fwd_hooks=fwd_hooks, logit_positions=list(range(width)), start=col, offsets=row_offsets)
-            nxt = out.logits[:, :, : self.eot_id].argmax(dim=-1).tolist()
+            nxt = out.logits[:, :, : self.decode_vocab].argmax(dim=-1).tolist()
             mask, keep = kv_cache.previous_attention_mask.clone(), []
             for i, (r, feed) in enumerate(zip(active, feeds)):
                 for j in range(len(feed)):  # the token after feed[j]; feed[j + 1] was a correct guess if equal
@@ -468,9 +520,11 @@ class CodiModel:
         """
         embeds, mask, offsets = self.left_padded([self.prompt_ids(q) for q in questions])
         kv_cache = TransformerLensKeyValueCache.init_cache(self.cfg, self.device, len(questions))
-        out = self.forward(embeds, kv_cache=kv_cache, attention_mask=mask, fwd_hooks=fwd_hooks, logit_positions=[], offsets=offsets)
-        latents = torch.zeros(len(questions), self.num_latents, self.cfg.d_model, dtype=embeds.dtype, device=self.device)
-        latents[:, 0] = self.project(out.final[:, -1]).to(latents)
+        k = self.num_latents
+        out = self.forward(embeds, kv_cache=kv_cache, attention_mask=mask, fwd_hooks=fwd_hooks, logit_positions=[], offsets=offsets, thoughts=k > 0)
+        latents = torch.zeros(len(questions), k, self.cfg.d_model, dtype=embeds.dtype, device=self.device)
+        if k > 0:
+            latents[:, 0] = out.thoughts[:, -1].to(latents)
 
         def hooks(start: int, length: int) -> Sequence[Hook]:
             return fwd_hooks
@@ -479,12 +533,15 @@ class CodiModel:
         return latents, kv_cache, offsets
 
     @torch.no_grad()
-    def generate_batch(self, questions: Sequence[str], max_new_tokens: int = 32, fwd_hooks: Sequence[Hook] = ()) -> list[Generation]:
+    def generate_batch(self, questions: Sequence[str], max_new_tokens: int = 32, fwd_hooks: Sequence[Hook] = (), *, num_latents: int | None = None) -> list[Generation]:
         """The official evaluation loop for many questions at once (left padding, KV cache).
 
         Results equal `generate` on each question alone; hooks made with `interp.at_positions`
-        act at each question's own absolute positions.
+        act at each question's own absolute positions. `num_latents` (0 included) overrides the
+        model's number of thoughts for this call.
         """
+        if num_latents is not None and num_latents != self.num_latents:
+            return self.with_latents(num_latents).generate_batch(questions, max_new_tokens, fwd_hooks)
         q_ids = [self.encode(q) for q in questions]
         latents, kv_cache, offsets = self.run_latents(questions, fwd_hooks)
         tail = self.tail_ids()[: 1 + len(self.eot_suffix_ids)]  # eot and its suffix: fed, not generated
@@ -494,12 +551,12 @@ class CodiModel:
         result = []
         for ids, lat, ans in zip(q_ids, latents.cpu(), answers):
             text = self.tokenizer.decode(ans, skip_special_tokens=True)
-            result.append(Generation(ids, lat, ans, text, extract_answer(text)))
+            result.append(Generation(ids, lat, ans, text, self.extract_answer(text)))
         return result
 
-    def generate(self, question: str, max_new_tokens: int = 32, fwd_hooks: Sequence[Hook] = ()) -> Generation:
-        """Greedy CODI generation for one question, with `fwd_hooks` active in every pass."""
-        return self.generate_batch([question], max_new_tokens=max_new_tokens, fwd_hooks=fwd_hooks)[0]
+    def generate(self, question: str, max_new_tokens: int = 32, fwd_hooks: Sequence[Hook] = (), *, num_latents: int | None = None) -> Generation:
+        """Greedy generation for one question, with `fwd_hooks` active in every pass (`num_latents`: as `generate_batch`)."""
+        return self.generate_batch([question], max_new_tokens=max_new_tokens, fwd_hooks=fwd_hooks, num_latents=num_latents)[0]
 
     # ------------------------------------------------------------------ traces
 
@@ -600,17 +657,19 @@ class CodiModel:
         """Top-k vocabulary tokens of each latent, as in the CODI paper's latent decoding.
 
         For latent t: `state` = the unembedding of the final-normed state computed at latent t's
-        position (the vector that prj turns into latent t+1); `embedding` = latent t's fed
-        embedding through the unembedding. Probabilities are softmaxes over ids < eot.
+        position (the vector the thought map turns into latent t+1); `embedding` = latent t's fed
+        embedding through the unembedding. Probabilities are softmaxes over ids < `decode_vocab`.
+        Positions come from the layout (question suffix included).
         """
         generation = gen.generation if isinstance(gen, Trace) else gen
-        tokens, embeds = self.sequence(generation.question_ids, generation.latents)
-        out = self.forward(embeds[None])
-        q = len(generation.question_ids)
+        model = self.with_latents(len(generation.latents))
+        _, embeds = model.sequence(generation.question_ids, generation.latents)
+        out = model.forward(embeds[None])
+        layout = model.layout(len(generation.question_ids))
         rows = []
-        for t in range(self.num_latents):
-            state_logits = out.logits[0, q + 1 + t, : self.eot_id]
-            emb_logits = (generation.latents[t].to(self.device) @ self.model.W_U)[: self.eot_id]
+        for t in range(model.num_latents):
+            state_logits = out.logits[0, layout.latent(t), : self.decode_vocab]
+            emb_logits = (generation.latents[t].to(self.device) @ self.model.W_U)[: self.decode_vocab]
             rows.append({"state": self._top_tokens(state_logits, k), "embedding": self._top_tokens(emb_logits, k)})
         return rows
 

@@ -27,7 +27,7 @@ from interp.engine import (
 )
 from interp.hooks import hook_name
 from interp.interventions import Intervention, as_intervention
-from interp.model import CodiModel, Trace
+from interp.model import LatentModel, Trace
 
 __all__ = ["STRATEGIES", "PatchError", "PatchResult", "Site", "Strategy", "check_aligned", "check_hook", "latent_sites", "layer_of", "patch", "patch_sites"]
 
@@ -53,7 +53,7 @@ def _latent_indices(latents: int | Sequence[int]) -> tuple[int, ...]:
 
 
 def patch_sites(
-    model: CodiModel,
+    model: LatentModel,
     corrupted: Trace,
     clean: Trace,
     sites: Sequence[Site],
@@ -74,7 +74,7 @@ def patch_sites(
 
 
 def patch(
-    model: CodiModel,
+    model: LatentModel,
     corrupted: Trace,
     clean: Trace,
     hook: str | tuple[str, int],

@@ -25,7 +25,7 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from interp.model import CodiModel, Generation, Trace
+from interp.model import Generation, LatentModel, Trace
 from interp.patching import STRATEGIES
 from interp.runio import read_jsonl, unique_rows
 from interp.stats import METRICS, cell_stats
@@ -378,12 +378,12 @@ def layer_lines(df: pd.DataFrame, metric: str = "normalized_effect", kind: str =
 
 
 @torch.no_grad()
-def logit_lens(model: CodiModel, trace: Trace) -> list[list[str]]:
+def logit_lens(model: LatentModel, trace: Trace) -> list[list[str]]:
     """Top token [layer][latent t] of `unembed(ln_final(resid_post))` at each latent position (ids < eot)."""
     out = []
     for layer in range(model.cfg.n_layers):
         resid = trace.cache[f"blocks.{layer}.hook_resid_post"]
-        logits = model.model.unembed(model.model.ln_final(resid))[0, trace.latent_positions, : model.eot_id]
+        logits = model.model.unembed(model.model.ln_final(resid))[0, trace.latent_positions, : model.decode_vocab]
         out.append([model.tokenizer.decode([int(i)]) for i in logits.argmax(-1)])
     return out
 
@@ -410,9 +410,9 @@ def slot_heatmap(df: pd.DataFrame, metric: str = "normalized_effect", kind: str 
     return fig
 
 
-def latent_decoding_table(model: CodiModel, trace_or_generation: Trace | Generation, k: int = 3) -> go.Figure:
+def latent_decoding_table(model: LatentModel, trace_or_generation: Trace | Generation, k: int = 3) -> go.Figure:
     """A table, one row per latent: the top-k tokens of its decoded state and of its fed embedding
-    (`CodiModel.decode_latents`), and the logit lens's top token at each layer's resid_post."""
+    (`LatentModel.decode_latents`), and the logit lens's top token at each layer's resid_post."""
     if isinstance(trace_or_generation, Trace):
         trace = trace_or_generation
     else:

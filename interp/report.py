@@ -87,7 +87,7 @@ def definitions_html() -> str:
 
 def write_examples(model, pairs, run_dir: str | Path, n: int = 3, k: int = 3) -> Path:
     """`run_dir/examples.json`: the first `n` pairs' clean questions with the top-`k` decoded tokens of
-    each latent (`CodiModel.decode_latents`), which the report shows."""
+    each latent (`LatentModel.decode_latents`), which the report shows."""
     examples = []
     for pair in list(pairs)[:n]:
         gen = model.generate(pair.clean_question)

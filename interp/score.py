@@ -16,7 +16,7 @@ import torch
 from interp.engine import BatchPatcher, Job, PatchResult, Site
 from interp.interventions import Intervention
 from interp.metrics import answer_flip, cache_similarity, kl_divergence, logit_diff, normalized_effect
-from interp.model import CodiModel
+from interp.model import LatentModel
 from interp.plan import Unit
 from interp.trace import PairTraces, similarity_positions
 
@@ -130,7 +130,7 @@ def unit_rows(
     return rows
 
 
-def validity_checks(model: CodiModel, pt: PairTraces, strategies: Sequence[str] = ("parallel", "iterative")) -> dict[str, Any]:
+def validity_checks(model: LatentModel, pt: PairTraces, strategies: Sequence[str] = ("parallel", "iterative")) -> dict[str, Any]:
     """Patching nothing reproduces corrupted; clean resid_pre everywhere reproduces clean; clean into clean is identity.
 
     Each check compares next_logits (max abs difference) under each strategy; feedback, which

@@ -32,7 +32,7 @@ from interp.engine import MAX_ROWS, STRATEGIES, BatchPatcher, Job, check_hook, l
 from interp.executor import LocalExecutor
 from interp.interventions import INTERVENTIONS, Intervention, Mean
 from interp.metrics import first_difference
-from interp.model import CodiModel
+from interp.model import LatentModel
 from interp.patching import latent_sites
 from interp.plan import KINDS, Unit, batch_order, units
 from interp.runio import RESULTS, VALIDITY, Run, UsageError, check_output_dir, finite, model_fingerprint, open_run, pairs_sha256, read_jsonl, versions
@@ -69,7 +69,7 @@ class SweepConfig:
         return self.hook_name(0).split(".", 2)[2]
 
 
-def sweep_patcher(model: CodiModel, group: Sequence[PairTraces], config: SweepConfig, batch_size: int | None = None) -> BatchPatcher:
+def sweep_patcher(model: LatentModel, group: Sequence[PairTraces], config: SweepConfig, batch_size: int | None = None) -> BatchPatcher:
     """The engine over a group of pairs, recording what the default metrics read (the family at the similarity positions)."""
     positions = [similarity_positions(pt.corrupted)[0] for pt in group]
     return BatchPatcher(model, [(pt.corrupted, pt.clean) for pt in group], capture=config.family, capture_positions=positions, batch_size=batch_size)
@@ -89,7 +89,7 @@ def run_units(
     return [unit_rows(group[g], u, config.hook_name(u.layer), {s: next(results) for s in config.strategies}, metrics, family=config.family, intervention=intervention) for g, u in batch]
 
 
-def sweep_intervention(model: CodiModel, pairs: Sequence[Pair], config: SweepConfig, progress: bool = True) -> Intervention:
+def sweep_intervention(model: LatentModel, pairs: Sequence[Pair], config: SweepConfig, progress: bool = True) -> Intervention:
     """The sweep's intervention; "mean" averages the swept hooks over every pair's clean run (lean traces)."""
     if config.intervention != "mean":
         return INTERVENTIONS[config.intervention]()
@@ -101,7 +101,7 @@ def sweep_intervention(model: CodiModel, pairs: Sequence[Pair], config: SweepCon
 # ----------------------------------------------------------------------------- the sweep
 
 
-def check_sweep(model: CodiModel, pairs: Sequence[Pair], config: SweepConfig) -> None:
+def check_sweep(model: LatentModel, pairs: Sequence[Pair], config: SweepConfig) -> None:
     """Refuse, before anything is written, a sweep that cannot run as asked: UsageError, one line.
 
     Checked: the intervention, strategies and kinds (known, each once), the layers (in range, each once),
@@ -145,7 +145,7 @@ def check_sweep(model: CodiModel, pairs: Sequence[Pair], config: SweepConfig) ->
     check_pairs(model, pairs)
 
 
-def check_pairs(model: CodiModel, pairs: Sequence[Pair]) -> None:
+def check_pairs(model: LatentModel, pairs: Sequence[Pair]) -> None:
     """The pairs part of `check_sweep`: UsageError naming the first bad pair and how many are bad."""
     from interp.data.align import align
 
@@ -159,8 +159,8 @@ def check_pairs(model: CodiModel, pairs: Sequence[Pair]) -> None:
     problems = []
     for pair in pairs:
         problem = None
-        if not all(math.isfinite(a) for a in (pair.clean_answer, pair.corrupted_answer)):
-            problem = f"non-finite answer ({pair.clean_answer}, {pair.corrupted_answer}); accepted: finite numbers"
+        if not all(isinstance(a, str) or math.isfinite(a) for a in (pair.clean_answer, pair.corrupted_answer)):
+            problem = f"non-finite answer ({pair.clean_answer}, {pair.corrupted_answer}); accepted: finite numbers or answer texts"
         elif not align([pair], model.tokenizer, counts=(counts := Counter())):
             reason = next(k for k, v in counts.items() if k.startswith("drop.") and v)
             problem = f"its prompts do not align under the model's tokenizer ({reason.removeprefix('drop.')}); accepted: prompts of equal token length differing only in the changed number"
@@ -184,7 +184,7 @@ def check_pairs(model: CodiModel, pairs: Sequence[Pair]) -> None:
         raise UsageError(f"--pairs: {len(problems)} of {len(pairs)} pairs cannot be patched on this model; first: {problems[0]}")
 
 
-def run_fingerprint(model: CodiModel, pairs: Sequence[Pair], config: SweepConfig) -> dict[str, Any]:
+def run_fingerprint(model: LatentModel, pairs: Sequence[Pair], config: SweepConfig) -> dict[str, Any]:
     """What a run's rows depend on (compared field by field on resume): model, pairs, config, versions."""
     return {
         "model": model_fingerprint(model),
@@ -195,7 +195,7 @@ def run_fingerprint(model: CodiModel, pairs: Sequence[Pair], config: SweepConfig
 
 
 def run_sweep(
-    model: CodiModel,
+    model: LatentModel,
     pairs: Sequence[Pair],
     out_dir: str | Path,
     config: SweepConfig | None = None,
@@ -268,7 +268,7 @@ class SweepWork:
         self.pairs, self.config, self.metrics, self.batch_size = list(pairs), config, list(metrics), batch_size
         self._intervention: Intervention | None = None
 
-    def __call__(self, model: CodiModel, items: Sequence[PairWork]) -> list[tuple[dict[str, Any] | None, list[list[dict[str, Any]]]]]:
+    def __call__(self, model: LatentModel, items: Sequence[PairWork]) -> list[tuple[dict[str, Any] | None, list[list[dict[str, Any]]]]]:
         config = self.config
         if self._intervention is None:
             self._intervention = sweep_intervention(model, self.pairs, config, progress=False)
@@ -285,14 +285,14 @@ class SweepWork:
         return [(report, [rows[(g, u)] for u in item.units]) for g, (item, report) in enumerate(zip(items, reports))]
 
 
-def pairs_per_call(model: CodiModel, units_per_pair: int) -> int:
+def pairs_per_call(model: LatentModel, units_per_pair: int) -> int:
     """Pairs traced and run together: about one full batch of rows, at most MAX_GROUP_PAIRS (their traces are held meanwhile)."""
     rows = MAX_ROWS["cuda" if model.device.type == "cuda" else "cpu"]
     return max(1, min(MAX_GROUP_PAIRS, -(-rows // max(1, units_per_pair))))
 
 
 def _sweep(
-    model: CodiModel,
+    model: LatentModel,
     pairs: Sequence[Pair],
     config: SweepConfig,
     run: Run,

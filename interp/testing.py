@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from interp.model import CodiModel
+from interp.model import LatentModel
 
 MODELS = ("embedded", "smollm2", "full-size", "tiny")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -45,7 +45,7 @@ def llama_config(size: str):
     return LlamaConfig(vocab_size=128256, rms_norm_eps=1e-5, tie_word_embeddings=True, rope_parameters=rope, **shape)
 
 
-def random_codi(size: str, *, dtype: torch.dtype, device: str, seed: int = 0) -> CodiModel:
+def random_codi(size: str, *, dtype: torch.dtype, device: str, seed: int = 0) -> LatentModel:
     """A CODI model with random weights and the given shapes, built directly (no checkpoint file)."""
     from torch import nn
     from transformer_lens import HookedTransformer
@@ -67,10 +67,10 @@ def random_codi(size: str, *, dtype: torch.dtype, device: str, seed: int = 0) ->
     prj.add_module("ln", nn.LayerNorm(d))
     prj = prj.to(device=device, dtype=dtype).eval()
     v = config.vocab_size
-    return CodiModel(model=model, tokenizer=llama3_tokenizer(), prj=prj, pad_id=v, bot_id=v + 1, eot_id=v + 2)
+    return LatentModel(model=model, tokenizer=llama3_tokenizer(), prj=prj, pad_id=v, bot_id=v + 1, eot_id=v + 2)
 
 
-def smollm2_codi(*, dtype: torch.dtype, device: str) -> CodiModel:
+def smollm2_codi(*, dtype: torch.dtype, device: str) -> LatentModel:
     """A CODI-format checkpoint on the real SmolLM2-135M-Instruct weights, loaded with `load_codi`."""
     from interp.loading import load_codi
 
@@ -119,7 +119,7 @@ def smollm2_checkpoint(rank: int = 16, prj_hidden: int = 256, seed: int = 1):
     return state, hf, tokenizer
 
 
-def build_model(name: str, *, dtype: torch.dtype, device: str) -> CodiModel:
+def build_model(name: str, *, dtype: torch.dtype, device: str) -> LatentModel:
     if name == "embedded":
         from interp.loading import load_default
 
@@ -134,7 +134,7 @@ def build_model(name: str, *, dtype: torch.dtype, device: str) -> CodiModel:
     raise SystemExit(f"error: unknown model {name!r}; use one of {MODELS}")
 
 
-def bench_pairs(model: CodiModel, n: int, seed: int = 0) -> list:
+def bench_pairs(model: LatentModel, n: int, seed: int = 0) -> list:
     """`n` arithmetic pairs that tokenize aligned under the model's tokenizer."""
     from interp.data import align, arithmetic_pairs
 

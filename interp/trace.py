@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from interp.data.pairs import Pair
 from interp.engine import check_aligned
 from interp.metrics import first_difference, logit_diff
-from interp.model import CodiModel, Trace
+from interp.model import LatentModel, Trace
 
 
 @dataclass
@@ -30,7 +30,7 @@ class PairTraces:
         return logit_diff(self.corrupted.next_logits, self.clean_token, self.corrupted_token)
 
 
-def trace_pair(model: CodiModel, pair: Pair, *, names_filter: Callable[[str], bool] | Sequence[str] | str | None = None) -> PairTraces:
+def trace_pair(model: LatentModel, pair: Pair, *, names_filter: Callable[[str], bool] | Sequence[str] | str | None = None) -> PairTraces:
     """Trace both sides with the answers' common prefix teacher-forced after `The answer is:`.
 
     `names_filter` keeps only those hooks in the traces' caches (as `run_with_cache` takes it).

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from interp.data.align import answer_text
 from interp.data.pairs import Pair
-from interp.model import CodiModel, Generation
+from interp.model import Generation, LatentModel
 
 EMBED_LAYER = -1  # the input embedding, blocks.0.hook_resid_pre
 
@@ -108,7 +108,7 @@ def key_names(num_latents: int) -> list[str]:
 
 def _named_columns(tokens: Tensor, offset: int, num_latents: int) -> tuple[dict[str, int], Tensor]:
     """Columns of the named positions of one left-padded row, and its key-group of every column
-    ([width] long, -1 for padding). tokens [seq] as `CodiModel.sequence` returns them (-1 at latents)."""
+    ([width] long, -1 for padding). tokens [seq] as `LatentModel.sequence` returns them (-1 at latents)."""
     latent = (tokens == -1).nonzero().flatten() + offset
     bot, eot = int(latent[0]) - 1, int(latent[-1]) + 1
     width = offset + len(tokens)
@@ -121,7 +121,7 @@ def _named_columns(tokens: Tensor, offset: int, num_latents: int) -> tuple[dict[
 
 
 @torch.no_grad()
-def collect(model: CodiModel, problems: Sequence[Problem], batch_size: int = 64) -> Activations:
+def collect(model: LatentModel, problems: Sequence[Problem], batch_size: int = 64) -> Activations:
     """Run every problem (real latent loop, then one teacher-forced pass) and keep the residuals and
     grouped attention the analyses read (see the module docstring)."""
     if not problems:
@@ -139,7 +139,7 @@ def collect(model: CodiModel, problems: Sequence[Problem], batch_size: int = 64)
     return Activations(list(problems), generations, layers, positions, torch.cat(resid), queries, keys, torch.cat(attention))
 
 
-def _collect_batch(model: CodiModel, batch: Sequence[Problem], layers: list[int], positions: list[str], queries: list[str], keys: list[str]) -> tuple[list[Generation], Tensor, Tensor]:
+def _collect_batch(model: LatentModel, batch: Sequence[Problem], layers: list[int], positions: list[str], queries: list[str], keys: list[str]) -> tuple[list[Generation], Tensor, Tensor]:
     """One batch: (generations, resid [b, layers, positions, d_model], attention [b, n_layers, heads, queries, keys])."""
     gens = model.generate_batch([p.question for p in batch])
     seqs = [model.sequence(g.question_ids, g.latents) for g in gens]

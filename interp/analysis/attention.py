@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from interp.analysis.activations import Activations, Problem
-from interp.model import CodiModel, Generation
+from interp.model import Generation, LatentModel
 
 ALL_LAYERS = "all"
 
@@ -83,14 +83,14 @@ def knockout_hooks(edges: Sequence[tuple[str, str]], layers: Sequence[int], widt
     return [(f"blocks.{layer}.attn.hook_attn_scores", cut) for layer in layers]
 
 
-def prompt_width(model: CodiModel, questions: Sequence[str]) -> int:
+def prompt_width(model: LatentModel, questions: Sequence[str]) -> int:
     """The padded prompt length (question, its suffix, bot) `generate_batch` runs these questions with."""
     dummy = torch.zeros(model.num_latents, model.cfg.d_model)
     return max(int((model.sequence(model.encode(q), dummy)[0] == -1).nonzero()[0]) for q in questions)
 
 
 @torch.no_grad()
-def knockout_generate(model: CodiModel, questions: Sequence[str], edges: Sequence[tuple[str, str]], layers: Sequence[int] | None = None, batch_size: int = 64) -> list[Generation]:
+def knockout_generate(model: LatentModel, questions: Sequence[str], edges: Sequence[tuple[str, str]], layers: Sequence[int] | None = None, batch_size: int = 64) -> list[Generation]:
     """Generations with the (query group, key group) `edges` cut at `layers` (default: every layer)."""
     layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
     out = []
@@ -115,7 +115,7 @@ def standard_edges(num_latents: int) -> dict[str, list[tuple[str, str]]]:
 
 
 def knockout_rows(
-    model: CodiModel,
+    model: LatentModel,
     problems: Sequence[Problem],
     baseline: Sequence[Generation],
     *,

@@ -1,8 +1,8 @@
 """Logit lens by layer: what each (layer, position) residual says through the unembedding.
 
 The residual is read as the model reads its last layer: through the final norm (`ln_final`, the
-norm whose output `CodiModel.forward` projects into the next latent) and the unembedding, over
-the ids the model may emit (< eot, as `CodiModel.decode_latents`). At the last layer this is
+norm whose output `LatentModel.forward` projects into the next latent) and the unembedding, over
+the ids the model may emit (< eot, as `LatentModel.decode_latents`). At the last layer this is
 exactly the model's own logits. For each target value (`step[k]`, `answer`) the lens scores the
 first token of the value as written (`value_token`): its rank (1 = the top token) and probability.
 """
@@ -17,21 +17,21 @@ import torch
 from torch import Tensor
 
 from interp.analysis.activations import Activations, value_token
-from interp.model import CodiModel
+from interp.model import LatentModel
 
 
 @torch.no_grad()
-def lens_logits(model: CodiModel, resid: Tensor, batch: int = 4096) -> Tensor:
-    """Residuals [..., d_model] -> logits [..., eot_id]: `unembed(ln_final(resid))`, float32 on the CPU."""
+def lens_logits(model: LatentModel, resid: Tensor, batch: int = 4096) -> Tensor:
+    """Residuals [..., d_model] -> logits [..., decode_vocab]: `unembed(ln_final(resid))`, float32 on the CPU."""
     flat = resid.reshape(-1, resid.shape[-1])
     out = []
     for i in range(0, len(flat), batch):
         x = flat[i : i + batch].to(model.device, model.cfg.dtype)[None]
-        out.append(model.model.unembed(model.model.ln_final(x))[0, :, : model.eot_id].float().cpu())
+        out.append(model.model.unembed(model.model.ln_final(x))[0, :, : model.decode_vocab].float().cpu())
     return torch.cat(out).reshape(*resid.shape[:-1], -1)
 
 
-def target_tokens(model: CodiModel, acts: Activations) -> dict[str, Tensor]:
+def target_tokens(model: LatentModel, acts: Activations) -> dict[str, Tensor]:
     """target name -> [n] first token of each problem's value (-1 where the problem has no such step)."""
     names = sorted({t for p in acts.problems for t in p.targets}, key=_target_order)
     return {t: torch.tensor([value_token(model.tokenizer, p.targets[t]) if t in p.targets else -1 for p in acts.problems]) for t in names}
@@ -81,7 +81,7 @@ def top_token_rows(logits: Tensor, layers: Sequence[int], positions: Sequence[st
     return rows
 
 
-def logit_lens(model: CodiModel, acts: Activations) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def logit_lens(model: LatentModel, acts: Activations) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(lens rows, top-token rows) for collected activations (see `lens_rows`, `top_token_rows`)."""
     logits = lens_logits(model, acts.resid)
     rows = lens_rows(logits, acts.layers, acts.positions, target_tokens(model, acts))

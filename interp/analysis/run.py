@@ -31,7 +31,7 @@ from interp.analysis.attention import attention_rows, knockout_rows
 from interp.analysis.figures import attention_heatmap, knockout_heatmap, lens_heatmap, probe_heatmap
 from interp.analysis.lens import logit_lens
 from interp.analysis.probes import probe_rows
-from interp.model import CodiModel
+from interp.model import LatentModel
 from interp.runio import atomic_write_json
 
 ANALYSES = ("lens", "probes", "attention", "knockout")
@@ -69,7 +69,7 @@ def _read(path: Path) -> dict[str, Any] | None:
 
 
 def analyze(
-    model: CodiModel,
+    model: LatentModel,
     problems: Sequence[Problem],
     out_dir: str | Path,
     *,
@@ -108,7 +108,7 @@ def analyze(
     return data
 
 
-def _run_one(name: str, model: CodiModel, acts: Activations, quick: bool, batch_size: int) -> dict[str, Any]:
+def _run_one(name: str, model: LatentModel, acts: Activations, quick: bool, batch_size: int) -> dict[str, Any]:
     if name == "lens":
         lens, top = logit_lens(model, acts)
         return {"lens": lens, "lens_top": top}

@@ -1,16 +1,19 @@
-"""Load a CODI checkpoint exactly into a `CodiModel` wrapping a `HookedTransformer`.
+"""Load a CODI or Coconut checkpoint exactly into a `LatentModel` wrapping a `HookedTransformer`.
 
-`load_codi(checkpoint, base)` takes local paths or Hugging Face hub ids (`hub`), reads the base's
-config and tokenizer, picks the architecture's entry in one table (`architectures`), checks every
-checkpoint key and merges LoRA (`checkpoint`), and converts the merged HF weights with
-TransformerLens's own conversion for that architecture, without folding or centering anything, so
-every hook point sees what the original network computes (latents read the final-normed state,
-LayerNorm weight and bias included). No forward passes happen here.
+`load_codi(checkpoint, base)` and `load_coconut(checkpoint, base)` take local paths or Hugging Face
+hub ids (`hub`), read the base's config and tokenizer, pick the architecture's entry in one table
+(`architectures`), check every checkpoint key (`checkpoint`: CODI's, merging LoRA; `coconut`:
+Coconut's, adding its markers), and convert the HF weights with TransformerLens's own conversion
+for that architecture, without folding or centering anything, so every hook point sees what the
+original network computes (thoughts read the final-normed state, LayerNorm weight and bias
+included). `load_model` reads the checkpoint once and picks the family from its keys. No forward
+passes happen here.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
+from interp.family import COCONUT, CODI
 from interp.loading.architectures import (
     ARCHITECTURES,
     Architecture,
@@ -32,10 +36,12 @@ from interp.loading.checkpoint import (
     check_architecture,
     check_finite,
     check_lm_keys,
+    checkpoint_file,
     merge_lora,
     read_state_dict,
     split_state_dict,
 )
+from interp.loading.coconut import MARKERS, family_of, split_coconut_state, with_markers
 from interp.loading.hub import (
     OFFICIAL_BASES,
     Resolved,
@@ -44,7 +50,7 @@ from interp.loading.hub import (
     resolve_base,
     resolve_checkpoint,
 )
-from interp.model import CodiModel
+from interp.model import LatentModel
 
 __all__ = [
     "ARCHITECTURES",
@@ -55,8 +61,10 @@ __all__ = [
     "architecture",
     "hooked_config",
     "load_base",
+    "load_coconut",
     "load_codi",
     "load_default",
+    "load_model",
     "read_state_dict",
     "rope_parameters",
 ]
@@ -65,7 +73,7 @@ __all__ = [
 def load_base(base: Any, revision: str | None = None) -> tuple[PretrainedConfig, Any, Resolved | None]:
     """The base model's config and tokenizer: a local directory, a hub id, or (model, tokenizer).
 
-    Only the config and tokenizer are read: the CODI checkpoint holds every weight of the network
+    Only the config and tokenizer are read: the checkpoint holds every weight of the network
     (the frozen base weights too, as `base_layer`), so the base's own weight files are not needed.
     Returns (config, tokenizer, where it was found; None for a (model, tokenizer) tuple).
     """
@@ -128,8 +136,8 @@ def load_codi(
     n_ctx: int | None = None,
     revision: str | None = None,
     base_revision: str | None = None,
-) -> CodiModel:
-    """Load a CODI checkpoint exactly into a `CodiModel` wrapping a `HookedTransformer`.
+) -> LatentModel:
+    """Load a CODI checkpoint exactly into a `LatentModel` wrapping a `HookedTransformer`.
 
     Args:
         checkpoint: a hub id (`"zen-E/CODI-gpt2"`, `"zen-E/CODI-llama3.2-1b-Instruct"`), a directory
@@ -152,21 +160,45 @@ def load_codi(
     Hub ids resolve through the Hugging Face cache (HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE); see
     `interp.loading.hub`. What was loaded, and how, is in the model's `load_options`.
     """
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if base is None:
         if isinstance(checkpoint, dict) or not is_hub_id(str(checkpoint)):
+            raise CheckpointError(
+                f"base= is required for a local checkpoint: pass the local directory or hub id of the model it was trained on (defaults exist only for the official hub ids {', '.join(OFFICIAL_BASES)})"
+            )
+        base = default_base(str(checkpoint))
+    state, found = read_checkpoint(checkpoint, revision)
+    options = dict(lora_alpha=lora_alpha, num_latents=num_latents, remove_eos=remove_eos, answer_prefix=answer_prefix, dtype=dtype, device=device, n_ctx=n_ctx, base_revision=base_revision)
+    return _codi(state, found, base, **options)
+
+
+def _codi(
+    state: dict[str, torch.Tensor],
+    found: Resolved | None,
+    base: Any,
+    *,
+    lora_alpha: float = 32.0,
+    num_latents: int = 6,
+    remove_eos: bool = True,
+    answer_prefix: str = CODI.answer_prefix,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    n_ctx: int | None = None,
+    base_revision: str | None = None,
+) -> LatentModel:
+    """`load_codi` on a state_dict already read from `found`."""
+    if family_of(state) != "codi":
+        raise CheckpointError(f"{_where(found)} is a Coconut checkpoint (base_causallm.* keys): load it with interp.load_coconut or interp.load_model")
+    if base is None:
+        if found is None or found.repo_id is None:
             raise CheckpointError(
                 "base= is required for a local checkpoint: pass the local directory or hub id of the model it was "
                 f"trained on (defaults exist only for the official hub ids {', '.join(OFFICIAL_BASES)})"
             )
-        base = default_base(str(checkpoint))
-    found = None if isinstance(checkpoint, dict) else resolve_checkpoint(checkpoint, revision)
+        base = default_base(found.repo_id)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     config, tokenizer, base_found = load_base(base, base_revision)
+    _check_base_revision(base_found, base_revision)
     arch = architecture(config)
-    state = checkpoint if found is None else read_state_dict(found.path)
-    if (revision is not None and (found is None or found.repo_id is None)) or (base_revision is not None and (base_found is None or base_found.repo_id is None)):
-        raise CheckpointError("revision= and base_revision= apply to hub ids only; a local path is read as it is")
-    check_finite(state)
     lm, prj_state = split_state_dict(state)
     check_architecture(lm, arch)
     merged, lora = merge_lora(lm, lora_alpha, arch)
@@ -181,8 +213,8 @@ def load_codi(
         raise CheckpointError("remove_eos=False feeds the tokenizer's eos token, but the base tokenizer has none")
     suffix = () if remove_eos else (int(eos),)
     options = {
-        "checkpoint": found.provenance() if found is not None else "state_dict",
-        "base": base_found.provenance() if base_found is not None else "(model, tokenizer)",
+        **_provenance(found, base_found),
+        "family": "codi",
         "model_type": arch.model_type,
         "lora_alpha": float(lora_alpha),
         "lora_rank": lora["rank"],
@@ -192,7 +224,7 @@ def load_codi(
         "dtype": str(dtype).removeprefix("torch."),
         "n_ctx": cfg.n_ctx,
     }
-    return CodiModel(
+    return LatentModel(
         model=model,
         tokenizer=tokenizer,
         prj=prj,
@@ -205,13 +237,158 @@ def load_codi(
         question_suffix_ids=suffix,
         eot_suffix_ids=suffix,
         load_options=options,
+        family=CODI,
     )
+
+
+def load_coconut(
+    checkpoint: str | Path | dict[str, torch.Tensor],
+    base: Any,
+    *,
+    num_latents: int = 6,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    n_ctx: int | None = None,
+    revision: str | None = None,
+    base_revision: str | None = None,
+) -> LatentModel:
+    """Load a Coconut checkpoint (Hao et al. 2024, the official training's format) into a `LatentModel`.
+
+    Args:
+        checkpoint: the raw `torch.save(state_dict)` file `checkpoint_N` the official `run.py` writes,
+            a directory holding one or several (the highest N is read; `load_options["checkpoint"]`
+            names the file), a hub id whose repo holds them, or a state_dict: keys `base_causallm.*`
+            and `embedding.weight`, every one accounted for.
+        base: the base model it was trained from (required: no official checkpoints exist): a hub id
+            (`openai-community/gpt2`, `meta-llama/Llama-3.2-1B`), a local HF directory (config +
+            tokenizer) or a (transformers model, tokenizer) tuple. Its tokenizer gets the markers
+            `<|start-latent|>`, `<|end-latent|>`, `<|latent|>` in the official order.
+        num_latents: the number of thoughts (not stored in checkpoints; the official configs run 6:
+            GSM `c_thought 2 x max_latent_stage 3`, ProsQA `1 x 6`); 0 runs no thought at all.
+            `generate(..., num_latents=k)` changes it per call.
+        n_ctx, dtype, device, revision, base_revision: as for `load_codi`.
+
+    The thought fed at a latent position is the final-normed last-layer state at the position
+    before it (hook `hook_thought`); the answer follows `###`; decoding runs over the whole vocabulary.
+    """
+    state, found = read_checkpoint(checkpoint, revision)
+    return _coconut(state, found, base, num_latents=num_latents, dtype=dtype, device=device, n_ctx=n_ctx, base_revision=base_revision)
+
+
+def _coconut(
+    state: dict[str, torch.Tensor],
+    found: Resolved | None,
+    base: Any,
+    *,
+    num_latents: int = 6,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    n_ctx: int | None = None,
+    base_revision: str | None = None,
+) -> LatentModel:
+    """`load_coconut` on a state_dict already read from `found`."""
+    if family_of(state) != "coconut":
+        raise CheckpointError(f"{_where(found)} is a CODI checkpoint (codi.* and prj.* keys): load it with interp.load_codi or interp.load_model")
+    if base is None:
+        raise CheckpointError(
+            "base= is required for a Coconut checkpoint (no official Coconut checkpoints were released): pass the hub id or local "
+            "directory of the model it was trained from, e.g. openai-community/gpt2 or meta-llama/Llama-3.2-1B"
+        )
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    config, tokenizer, base_found = load_base(base, base_revision)
+    _check_base_revision(base_found, base_revision)
+    arch = architecture(config)
+    tokenizer, ids = with_markers(tokenizer)
+    lm = split_coconut_state(state, arch)
+    check_architecture(lm, arch)
+    rows = len(tokenizer)
+    hint = f"the base tokenizer with Coconut's three markers has {rows} tokens, and the official code resizes the embedding to that. Is the base the one the checkpoint was trained from?"
+    weights = check_lm_keys(lm, config, arch, vocab_rows=rows, rows_hint=hint)
+    cfg = arch.hooked_config(config, dtype=dtype, device=device, n_ctx=n_ctx, vocab_rows=rows)
+    model = to_hooked_transformer(weights, config, arch, cfg)
+    start, end, latent = (ids[m] for m in MARKERS)
+    options = {
+        **_provenance(found, base_found),
+        "family": "coconut",
+        "model_type": arch.model_type,
+        "num_latents": num_latents,
+        "markers": {"start_latent": start, "end_latent": end, "latent": latent},
+        "dtype": str(dtype).removeprefix("torch."),
+        "n_ctx": cfg.n_ctx,
+    }
+    return LatentModel(
+        model=model,
+        tokenizer=tokenizer,
+        prj=None,
+        pad_id=int(tokenizer.eos_token_id),
+        bot_id=start,
+        eot_id=end,
+        num_latents=num_latents,
+        answer_prefix=COCONUT.answer_prefix,
+        load_options=options,
+        family=COCONUT,
+    )
+
+
+#: options only CODI checkpoints take
+CODI_ONLY = ("lora_alpha", "remove_eos", "answer_prefix")
+
+
+def load_model(checkpoint: str | Path | dict[str, torch.Tensor], base: Any = None, **options: Any) -> LatentModel:
+    """Load a CODI or a Coconut checkpoint, whichever its keys say it is (CODI: `codi.*` + `prj.*`;
+    Coconut: `base_causallm.*`), reading it once; `options` are `load_codi`'s or `load_coconut`'s.
+
+    A plain causal LM (a CoT / no-CoT checkpoint of the Coconut code, a base model) is refused with
+    a one-line error, and so are CODI-only options (`lora_alpha`, `remove_eos`, `answer_prefix`) for Coconut.
+    """
+    if base is None and (isinstance(checkpoint, dict) or not is_hub_id(str(checkpoint))):
+        raise CheckpointError("base= is required for a local checkpoint: pass the local directory or hub id of the model it was trained on (CODI or Coconut)")
+    state, found = read_checkpoint(checkpoint, options.pop("revision", None))
+    if family_of(state) == "codi":
+        return _codi(state, found, base, **options)
+    wrong = [k for k in CODI_ONLY if k in options]
+    if wrong:
+        raise CheckpointError(f"{_where(found)} is a Coconut checkpoint; {', '.join(wrong)} apply to CODI checkpoints only")
+    return _coconut(state, found, base, **options)
+
+
+def read_checkpoint(checkpoint: str | Path | dict[str, torch.Tensor], revision: str | None = None) -> tuple[dict[str, torch.Tensor], Resolved | None]:
+    """The state_dict a checkpoint names (a hub id, a directory, a file, or a state_dict itself), with
+    finite values, and where it was read (None for a state_dict; its path is the file actually read)."""
+    if isinstance(checkpoint, dict):
+        if revision is not None:
+            raise CheckpointError("revision= and base_revision= apply to hub ids only; a local path is read as it is")
+        check_finite(checkpoint)
+        return checkpoint, None
+    found = resolve_checkpoint(checkpoint, revision)
+    if revision is not None and found.repo_id is None:
+        raise CheckpointError("revision= and base_revision= apply to hub ids only; a local path is read as it is")
+    found = dataclasses.replace(found, path=checkpoint_file(found.path))
+    state = read_state_dict(found.path)
+    check_finite(state)
+    return state, found
+
+
+def _where(found: Resolved | None) -> str:
+    return "the state_dict" if found is None else f"checkpoint {found.ref}"
+
+
+def _check_base_revision(base_found: Resolved | None, base_revision: str | None) -> None:
+    if base_revision is not None and (base_found is None or base_found.repo_id is None):
+        raise CheckpointError("revision= and base_revision= apply to hub ids only; a local path is read as it is")
+
+
+def _provenance(found: Resolved | None, base_found: Resolved | None) -> dict[str, Any]:
+    return {
+        "checkpoint": found.provenance() if found is not None else "state_dict",
+        "base": base_found.provenance() if base_found is not None else "(model, tokenizer)",
+    }
 
 
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "embedded"
 
 
-def load_default(*, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None) -> CodiModel:
+def load_default(*, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None) -> LatentModel:
     """The embedded default model: a small CODI trained by the project (docs/embedded_model.md).
 
     It ships inside the package in the official CODI format and loads through `load_codi`.

@@ -48,7 +48,7 @@ class Architecture:
     converter: TransformerLens's weight conversion (HF model -> HookedTransformer state dict).
     lora_targets: the module names the official CODI code wraps with LoRA for this architecture.
     conv1d: the LoRA targets are `Conv1D` (weight [in, out], peft's fan_in_fan_out): delta (B @ A).T.
-    positions: "rotary" (applied inside attention) or "learned" (`W_pos`, added by `CodiModel.forward`).
+    positions: "rotary" (applied inside attention) or "learned" (`W_pos`, added by `LatentModel.forward`).
     bos: the official tokenizer prepends BOS to the question (the official loop calls tokenizer(question)).
     embed_key: the input embedding's key (rows: base vocabulary + 3).
     constant_buffers: key suffixes of non-weight buffers that older saves include (ignored).
@@ -83,7 +83,7 @@ def _refuse(bad: list[str], model_type: str) -> None:
         raise CheckpointError(f"unsupported {model_type} base: " + ", ".join(bad))
 
 
-def llama_hooked_config(config: PretrainedConfig, *, dtype: torch.dtype, device: str | torch.device, n_ctx: int | None = None) -> HookedTransformerConfig:
+def llama_hooked_config(config: PretrainedConfig, *, dtype: torch.dtype, device: str | torch.device, n_ctx: int | None = None, vocab_rows: int | None = None) -> HookedTransformerConfig:
     """A `HookedTransformerConfig` for a LLaMA-architecture CODI model (vocabulary + 3)."""
     unsupported = {
         "hidden_act": (getattr(config, "hidden_act", "silu"), "silu"),
@@ -96,7 +96,7 @@ def llama_hooked_config(config: PretrainedConfig, *, dtype: torch.dtype, device:
         bad.append(f"rope_type={rope['rope_type']!r} (supported: {SUPPORTED_ROPE_TYPES})")
     _refuse(bad, "llama")
     d_head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    vocab = config.vocab_size + 3
+    vocab = config.vocab_size + 3 if vocab_rows is None else vocab_rows
     kwargs: dict[str, Any] = {
         "model_name": "codi",
         "original_architecture": "LlamaForCausalLM",
@@ -136,7 +136,7 @@ def llama_hooked_config(config: PretrainedConfig, *, dtype: torch.dtype, device:
     return HookedTransformerConfig(**kwargs)
 
 
-def gpt2_hooked_config(config: PretrainedConfig, *, dtype: torch.dtype, device: str | torch.device, n_ctx: int | None = None) -> HookedTransformerConfig:
+def gpt2_hooked_config(config: PretrainedConfig, *, dtype: torch.dtype, device: str | torch.device, n_ctx: int | None = None, vocab_rows: int | None = None) -> HookedTransformerConfig:
     """A `HookedTransformerConfig` for a GPT-2 CODI model (vocabulary + 3, learned positions, LayerNorm).
 
     `n_ctx` defaults to the base's `n_positions` (the rows of `W_pos`); a smaller value keeps the
@@ -151,7 +151,7 @@ def gpt2_hooked_config(config: PretrainedConfig, *, dtype: torch.dtype, device: 
     if n_ctx is not None and n_ctx > config.n_positions:
         bad.append(f"n_ctx={n_ctx} exceeds the base's {config.n_positions} learned positions")
     _refuse(bad, "gpt2")
-    vocab = config.vocab_size + 3
+    vocab = config.vocab_size + 3 if vocab_rows is None else vocab_rows
     return HookedTransformerConfig(
         model_name="codi",
         original_architecture="GPT2LMHeadModel",
@@ -213,6 +213,6 @@ def architecture(config: PretrainedConfig) -> Architecture:
     return ARCHITECTURES[model_type]
 
 
-def hooked_config(config: PretrainedConfig, *, dtype: torch.dtype, device: str | torch.device, n_ctx: int | None = None) -> HookedTransformerConfig:
-    """A `HookedTransformerConfig` for a CODI model (vocabulary + 3) on the base `config`."""
-    return architecture(config).hooked_config(config, dtype=dtype, device=device, n_ctx=n_ctx)
+def hooked_config(config: PretrainedConfig, *, dtype: torch.dtype, device: str | torch.device, n_ctx: int | None = None, vocab_rows: int | None = None) -> HookedTransformerConfig:
+    """A `HookedTransformerConfig` on the base `config` with `vocab_rows` embedding rows (default: CODI's vocabulary + 3)."""
+    return architecture(config).hooked_config(config, dtype=dtype, device=device, n_ctx=n_ctx, vocab_rows=vocab_rows)

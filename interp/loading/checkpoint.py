@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from interp.loading.architectures import Architecture
 
 CHECKPOINT_FILES = ("model.safetensors", "pytorch_model.bin")
+#: the files the official Coconut training writes, one per epoch: `torch.save(model.state_dict())`, no extension
+COCONUT_FILE_RE = re.compile(r"^checkpoint_(\d+)$")
 PEFT_PREFIX = "codi.base_model.model."
 PLAIN_PREFIX = "codi."
 LORA_RE = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)\.default\.weight$")
@@ -30,7 +32,7 @@ BASE_LAYER_RE = re.compile(r"^(?P<module>.+)\.base_layer\.(?P<param>weight|bias)
 
 
 class CheckpointError(ValueError):
-    """A CODI checkpoint that does not match the base model or the CODI format."""
+    """A checkpoint that does not match the base model or its family's format."""
 
 
 def _fmt(keys: list[str] | set[str], limit: int = 8) -> str:
@@ -39,19 +41,34 @@ def _fmt(keys: list[str] | set[str], limit: int = 8) -> str:
     return shown + (f", … ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def read_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
-    """Read a checkpoint file, or the single checkpoint file inside a directory.
-
-    `.bin` files are read with `weights_only=True` (no arbitrary code from pickles).
-    """
+def checkpoint_file(checkpoint: str | Path) -> Path:
+    """The file a checkpoint path names: the file itself, or in a directory its CODI file
+    (`model.safetensors` or `pytorch_model.bin`) or the latest Coconut `checkpoint_N` (highest N)."""
     path = Path(checkpoint)
-    if path.is_dir():
-        found = [path / name for name in CHECKPOINT_FILES if (path / name).is_file()]
-        if not found:
-            raise CheckpointError(f"no checkpoint in {path}: expected one of {', '.join(CHECKPOINT_FILES)}. Pass the directory holding the CODI checkpoint, or the file itself.")
-        if len(found) > 1:
-            raise CheckpointError(f"{path} holds both {found[0].name} and {found[1].name}; pass the file you mean.")
-        path = found[0]
+    if not path.is_dir():
+        return path
+    found = [path / name for name in CHECKPOINT_FILES if (path / name).is_file()]
+    epochs = sorted((int(m[1]), q) for q in path.iterdir() if q.is_file() and (m := COCONUT_FILE_RE.match(q.name)))
+    if found and epochs:
+        raise CheckpointError(f"{path} holds both {found[0].name} (CODI) and {epochs[-1][1].name} (Coconut); pass the file you mean.")
+    if epochs:
+        return epochs[-1][1]
+    if not found:
+        raise CheckpointError(
+            f"no checkpoint in {path}: expected one of {', '.join(CHECKPOINT_FILES)} (CODI) or checkpoint_N files (Coconut). Pass the directory holding the checkpoint, or the file itself."
+        )
+    if len(found) > 1:
+        raise CheckpointError(f"{path} holds both {found[0].name} and {found[1].name}; pass the file you mean.")
+    return found[0]
+
+
+def read_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file, or the checkpoint file inside a directory (`checkpoint_file`).
+
+    Pickled files (`.bin`, Coconut's `checkpoint_N`) are read with `weights_only=True` (no
+    arbitrary code from pickles).
+    """
+    path = checkpoint_file(checkpoint)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
@@ -64,7 +81,7 @@ def read_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     except Exception as exc:  # the file is unreadable: say which one and why
         raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path} does not hold a flat state_dict of tensors (got {type(state).__name__}); save the CODI module's state_dict()")
+        raise CheckpointError(f"{path} does not hold a flat state_dict of tensors (got {type(state).__name__}); save the CODI or Coconut module's state_dict()")
     return state
 
 
@@ -181,10 +198,12 @@ def check_architecture(lm: dict[str, torch.Tensor], arch: Architecture) -> None:
             )
 
 
-def check_lm_keys(merged: dict[str, torch.Tensor], config: PretrainedConfig, arch: Architecture) -> dict[str, torch.Tensor]:
-    """Check the merged LM weights against the base config; return them with lm_head filled in."""
+def check_lm_keys(merged: dict[str, torch.Tensor], config: PretrainedConfig, arch: Architecture, *, vocab_rows: int | None = None, rows_hint: str = "") -> dict[str, torch.Tensor]:
+    """Check the merged LM weights against the base config with `vocab_rows` embedding rows (default:
+    CODI's base vocabulary + 3); return them with lm_head filled in. `rows_hint` explains the rows."""
     vocab = config.vocab_size
-    expected = expected_shapes(config, arch, vocab + 3)
+    rows_expected = vocab + 3 if vocab_rows is None else vocab_rows
+    expected = expected_shapes(config, arch, rows_expected)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     merged = {k: v for k, v in merged.items() if not (arch.constant_buffers and k.endswith(arch.constant_buffers))}
     if tied:  # lm_head is the embedding: absent (safetensors) or an identical copy (torch.save)
@@ -207,8 +226,8 @@ def check_lm_keys(merged: dict[str, torch.Tensor], config: PretrainedConfig, arc
     if misshaped:
         hint = ""
         rows = merged[arch.embed_key].shape[0]
-        if rows != vocab + 3:
-            hint = f" The embedding has {rows} rows; a CODI checkpoint has the base vocabulary ({vocab}) + 3 (pad, bot, eot)."
+        if rows != rows_expected:
+            hint = f" The embedding has {rows} rows; " + (rows_hint or f"a CODI checkpoint has the base vocabulary ({vocab}) + 3 (pad, bot, eot).")
         raise CheckpointError(f"mis-shaped keys: {_fmt(misshaped, 5)}.{hint}")
     if tied:
         merged["lm_head.weight"] = merged[arch.embed_key]

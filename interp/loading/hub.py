@@ -8,8 +8,9 @@ requested from the network: the cache must hold the files. A revision (branch, t
 pins what is read; the commit actually read is recorded.
 
 Only what loading needs is fetched: the checkpoint's single weight file (`model.safetensors` first,
-then `pytorch_model.bin`, the order of the official `test.py`), and the base's config and
-tokenizer files (the checkpoint holds every weight, the frozen base weights included).
+then `pytorch_model.bin`, the order of the official CODI `test.py`; failing both, the Coconut
+training's `checkpoint_N` files), and the base's config and tokenizer files (the checkpoint holds
+every weight, the frozen base weights included).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from interp.loading.checkpoint import CHECKPOINT_FILES, CheckpointError
+from interp.loading.checkpoint import CHECKPOINT_FILES, COCONUT_FILE_RE, CheckpointError
 
 #: the official CODI releases -> the base each was trained on (the default `base`)
 OFFICIAL_BASES = {
@@ -133,8 +134,20 @@ def _local(ref: str | Path, what: str) -> Resolved | None:
     return None
 
 
+def _coconut_snapshot(repo_id: str, revision: str | None, cache: Path) -> Path | None:
+    """The snapshot folder of a hub repo holding Coconut `checkpoint_N` files (fetched unless offline), or None."""
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=hub_offline(), allow_patterns=["checkpoint_*"]))
+    except LocalEntryNotFoundError:
+        return None
+    except HUB_ERRORS as exc:
+        raise _hub_error(exc, "checkpoint", repo_id, revision, cache) from None
+    return folder if any(COCONUT_FILE_RE.match(p.name) for p in folder.iterdir()) else None
+
+
 def resolve_checkpoint(ref: str | Path, revision: str | None = None) -> Resolved:
-    """A local checkpoint path as given, or a hub id's weight file from the cache (or downloaded)."""
+    """A local checkpoint path as given, or a hub id's weight file from the cache (or downloaded):
+    the CODI file, or else the snapshot folder of its Coconut `checkpoint_N` files."""
     local = _local(ref, "checkpoint")
     if local is not None:
         return local
@@ -145,16 +158,21 @@ def resolve_checkpoint(ref: str | Path, revision: str | None = None) -> Resolved
             if isinstance(found, str):
                 path = Path(found)
                 return Resolved(str(ref), path, repo_id, revision, path.parent.name)
+    else:
+        for name in CHECKPOINT_FILES:
+            try:
+                path = Path(hf_hub_download(repo_id, name, revision=revision, cache_dir=cache))
+            except RemoteEntryNotFoundError:
+                continue
+            except HUB_ERRORS as exc:
+                raise _hub_error(exc, "checkpoint", repo_id, revision, cache) from None
+            return Resolved(str(ref), path, repo_id, revision, path.parent.name)
+    folder = _coconut_snapshot(repo_id, revision, cache)
+    if folder is not None:
+        return Resolved(str(ref), folder, repo_id, revision, folder.name)
+    if hub_offline():
         raise _miss("checkpoint", repo_id, revision, cache)
-    for name in CHECKPOINT_FILES:
-        try:
-            path = Path(hf_hub_download(repo_id, name, revision=revision, cache_dir=cache))
-        except RemoteEntryNotFoundError:
-            continue
-        except HUB_ERRORS as exc:
-            raise _hub_error(exc, "checkpoint", repo_id, revision, cache) from None
-        return Resolved(str(ref), path, repo_id, revision, path.parent.name)
-    raise CheckpointError(f"checkpoint {repo_id!r} holds neither {' nor '.join(CHECKPOINT_FILES)}: is it a CODI checkpoint?")
+    raise CheckpointError(f"checkpoint {repo_id!r} holds neither {' nor '.join(CHECKPOINT_FILES)} nor checkpoint_N files: is it a CODI or Coconut checkpoint?")
 
 
 def resolve_base(ref: str | Path, revision: str | None = None) -> Resolved:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,17 +19,11 @@ from typing import Any
 
 import torch
 
+from interp.family import last_number as extract_answer
 from interp.train import data as D
 from interp.train.modeling import cache_kwargs, load_checkpoint
 
-NUMBER_RE = re.compile(r"-?\d+(\.\d+)?")
 MAX_NEW_TOKENS = 16
-
-
-def extract_answer(text: str) -> float | None:
-    """The last number in `text` (commas removed), as the official evaluation reads it."""
-    matches = [m.group(0) for m in NUMBER_RE.finditer(text.replace(",", ""))]
-    return float(matches[-1]) if matches else None
 
 
 @dataclass

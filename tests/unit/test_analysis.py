@@ -125,7 +125,7 @@ def test_knockout_of_every_earlier_key_leaves_each_latent_a_function_of_itself(m
         torch.testing.assert_close(gen.latents[0], ref.latents[0])  # bot is not cut: latent 0 unchanged
         latent = gen.latents[0]
         for t in range(1, model.num_latents):
-            latent = model.project(model.forward(latent[None, None].to(model.device)).final[0, 0]).cpu()
+            latent = model.prj(model.forward(latent[None, None].to(model.device)).final[0, 0]).cpu()
             torch.testing.assert_close(gen.latents[t], latent, rtol=1e-4, atol=1e-4)
         assert not torch.allclose(gen.latents[1:], ref.latents[1:], atol=1e-2)
 
