@@ -11,8 +11,13 @@ import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from tests.factories import (
+    CoconutCase,
+    make_reference_coconut,
     make_reference_codi,
+    randomize_norms,
     save_checkpoint,
+    save_coconut_checkpoint,
+    text_only_llama32_tokenizer,
     tiny_gpt2_config,
     tiny_llama32_config,
 )
@@ -134,3 +139,36 @@ def smol_codi(smollm2, tmp_path_factory):
     tokenizer.save_pretrained(base_dir)
     ckpt = save_checkpoint(ref, out / "ckpt" / "pytorch_model.bin", safetensors=False)
     return ref, load_codi(ckpt, base_dir, device="cpu"), base_dir, ckpt
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_coconut(gpt2_tokenizer, tmp_path_factory):
+    """A tiny random GPT-2 Coconut (markers 50257, 50258, 50259; vocabulary 50260) in the official
+    checkpoint format. Returns a CoconutCase (ref, tokenizer with markers, base directory with the
+    original config and tokenizer, checkpoint directory holding `checkpoint_3`)."""
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = randomize_norms(GPT2LMHeadModel(tiny_gpt2_config(50257)).eval(), seed=10)  # ln_f weight and bias matter
+    ref, tok = make_reference_coconut(base, gpt2_tokenizer, seed=11)
+    out = tmp_path_factory.mktemp("tiny_gpt2_coconut")
+    base.config.save_pretrained(out / "base")
+    gpt2_tokenizer.save_pretrained(out / "base")
+    save_coconut_checkpoint(ref, out / "ckpt", 3)
+    return CoconutCase(ref, tok, out / "base", out / "ckpt")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_coconut(llama3_tokenizer, tmp_path_factory):
+    """A tiny random Llama-3.2-shaped Coconut on the 128256-entry text tokenizer (markers 128256,
+    128257, 128258; vocabulary 128259), official checkpoint format. Returns a CoconutCase as
+    `tiny_gpt2_coconut` does."""
+    tokenizer = text_only_llama32_tokenizer(llama3_tokenizer)
+    torch.manual_seed(1)
+    base = randomize_norms(LlamaForCausalLM(tiny_llama32_config(128256)).eval(), seed=13)
+    ref, tok = make_reference_coconut(base, tokenizer, seed=12)
+    out = tmp_path_factory.mktemp("tiny_llama_coconut")
+    base.config.save_pretrained(out / "base")
+    tokenizer.save_pretrained(out / "base")
+    save_coconut_checkpoint(ref, out / "ckpt", 3)
+    return CoconutCase(ref, tok, out / "base", out / "ckpt")

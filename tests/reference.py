@@ -6,14 +6,19 @@ official batch-1 run does), and activations are read with PyTorch forward hooks 
 layers (LlamaForCausalLM `model.layers`, GPT2LMHeadModel `transformer.h`). Slow and obviously
 correct is the point. `remove_eos=False` is the official code's default: [eos, bot] after the
 question and [eot, eos] before decoding.
+
+`ReferenceCoconut` is the same for Coconut (facebookresearch/coconut): its `forward_ids` is the
+official multi-pass KV-cache loop, and `reference_coconut_patch` recomputes everything instead.
 """
 
 from __future__ import annotations
 
+import inspect
 import re
 
 import torch
 from torch import nn
+from transformers import GPT2LMHeadModel
 
 
 class ReferenceCodi(nn.Module):
@@ -183,14 +188,265 @@ def reference_patch_pair(
     return reference_patch(ref, tok(corrupted_question)["input_ids"], corrupted.latents, clean_out, tail, module=module, layer=layer, positions=positions, strategy=strategy, **kw)
 
 
+def _full_pass(ref: ReferenceCodi | ReferenceCoconut, embeds: torch.Tensor):
+    """One full pass over embeds [1, pos, d], no KV cache: `ref.codi` for CODI (as before), the
+    Coconut base with explicit positions 0..pos-1 for Coconut."""
+    return ref.full(embeds) if isinstance(ref, ReferenceCoconut) else ref.codi(inputs_embeds=embeds)
+
+
 @torch.no_grad()
-def module_outputs(ref: ReferenceCodi, embeds: torch.Tensor, module: str, layer: int) -> torch.Tensor:
+def module_outputs(ref: ReferenceCodi | ReferenceCoconut, embeds: torch.Tensor, module: str, layer: int) -> torch.Tensor:
     """Output [seq, d] of decoder layer `layer` ("layer"), its attention ("attn") or mlp ("mlp")."""
     target = ref.module(module, layer)
     got = []
     handle = target.register_forward_hook(lambda m, a, out: got.append((out[0] if isinstance(out, tuple) else out)[0].clone()))
     try:
-        ref.codi(inputs_embeds=embeds)
+        _full_pass(ref, embeds)
     finally:
         handle.remove()
     return got[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Coconut (Hao et al. 2024; facebookresearch/coconut @ 27273cb, coconut.py / dataset.py / run.py)
+# ---------------------------------------------------------------------------------------------
+
+#: the official markers, in the order run.py adds them (GPT-2: ids 50257, 50258, 50259)
+COCONUT_MARKERS = ("<|start-latent|>", "<|end-latent|>", "<|latent|>")
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    """The name of the KV-cache argument and output field: `cache` in transformers >= 5.2x (where
+    `past_key_values` is a deprecated alias, to be removed in 5.40), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+class ReferenceCoconut(nn.Module):
+    """The official `Coconut` module, batch 1, inference only. Its state_dict is an official
+    checkpoint: `base_causallm.*` plus `embedding.weight`, the base's input embedding module
+    registered a second time (GPT-2: `base_causallm.transformer.get_input_embeddings()`, otherwise
+    `base_causallm.get_input_embeddings()`, as coconut.py does). No projection: the thought fed at a
+    latent position p is `hidden_states[-1][p - 1]`, the final-normed last-layer state of the
+    previous position, fed as `inputs_embeds` at p (GPT-2 adds `wpe[p]` to it as to any input
+    embedding)."""
+
+    def __init__(self, base_causallm: nn.Module, latent_id: int, start_id: int, end_id: int, eos_id: int):
+        super().__init__()
+        self.base_causallm = base_causallm
+        self.latent_id, self.start_id, self.end_id, self.eos_id = latent_id, start_id, end_id, eos_id
+        if isinstance(base_causallm, GPT2LMHeadModel):
+            self.embedding = base_causallm.transformer.get_input_embeddings()
+        else:
+            self.embedding = base_causallm.get_input_embeddings()
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The decoder layers: `model.layers` (LLaMA) or `transformer.h` (GPT-2)."""
+        hf = self.base_causallm
+        return hf.model.layers if hasattr(hf, "model") else hf.transformer.h
+
+    @property
+    def final_norm(self) -> nn.Module:
+        """GPT-2 `transformer.ln_f` (weight and bias), LLaMA `model.norm` (RMSNorm)."""
+        hf = self.base_causallm
+        return hf.model.norm if hasattr(hf, "model") else hf.transformer.ln_f
+
+    def module(self, kind: str, layer: int) -> nn.Module:
+        """Decoder layer `layer` ("layer"), its attention ("attn") or its MLP ("mlp")."""
+        block = self.blocks[layer]
+        attn = block.self_attn if hasattr(block, "self_attn") else block.attn
+        return {"layer": block, "attn": attn, "mlp": block.mlp}[kind]
+
+    def prompt_ids(self, tokenizer, question: str, k: int) -> list[int]:
+        """`get_question_latent_dataset`: question + "\\n" (special tokens added: Llama's BOS,
+        nothing on GPT-2), <|start-latent|>, <|latent|> x k, <|end-latent|>."""
+        return tokenizer.encode(question + "\n", add_special_tokens=True) + [self.start_id] + [self.latent_id] * k + [self.end_id]
+
+    def latent_positions(self, ids: list[int]) -> list[int]:
+        return [i for i, t in enumerate(ids) if t == self.latent_id]
+
+    @torch.no_grad()
+    def embed(self, ids: list[int]) -> torch.Tensor:
+        """Token embeddings [1, n, d] (`self.embedding`, no position embedding)."""
+        return self.embedding(torch.tensor([list(ids)]))
+
+    @torch.no_grad()
+    def sequence_embeds(self, ids: list[int], thoughts: torch.Tensor) -> torch.Tensor:
+        """inputs_embeds [1, n, d] of ids with thoughts [k, d] written at the k latent positions."""
+        embeds = self.embed(ids)
+        positions = self.latent_positions(ids)
+        assert len(positions) == thoughts.shape[0], (len(positions), tuple(thoughts.shape))
+        if positions:
+            embeds[0, positions] = thoughts.to(embeds)
+        return embeds
+
+    @torch.no_grad()
+    def full(self, embeds: torch.Tensor, **kwargs):
+        """One full pass over embeds [1, n, d], no KV cache, positions 0..n-1 as `generate` gives."""
+        n = embeds.shape[1]
+        return self.base_causallm(inputs_embeds=embeds, position_ids=torch.arange(n)[None], use_cache=False, output_hidden_states=True, **kwargs)
+
+    @torch.no_grad()
+    def forward_ids(self, input_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`Coconut.forward` for one sequence: returns (inputs_embeds [1, n, d] with the thoughts
+        written in, logits [1, n, V] concatenated over the passes).
+
+        k latents -> k + 1 passes over the HF KV cache: pass 0 runs [0, first latent); each later
+        pass runs the one position just filled; the last pass runs from the last latent to the end.
+        After pass i the latent i is filled with hidden_states[-1] at the position before it.
+        Positions are explicit (arange(n), as `Coconut.generate` passes them), the attention mask is
+        all ones over past + current positions as in the official code.
+
+        transformers 5 note: the official code rebuilds the cache as a list of (k[:, :, :start],
+        v[:, :, :start]) tuples, which transformers 5 no longer accepts (AttributeError: 'list' has no
+        `get_query_offset`). Here the returned `DynamicCache` is cropped in place to `start`
+        positions; in 5.2x `DynamicCache.crop(m)` takes m <= 0 (remove -m tokens; a positive m raises
+        ValueError), so the call is `crop(start - cache.get_seq_length())`. The official slice is
+        always a no-op in practice (the cache holds exactly `start` positions), and so is this crop.
+        """
+        ids = torch.tensor([list(input_ids)])
+        n = ids.shape[1]
+        latent = self.latent_positions(list(input_ids))
+        position_ids = torch.arange(n)[None]
+        inputs_embeds = self.embedding(ids)
+        cache_kw = _cache_kwarg(self.base_causallm)
+        compute = (0, latent[0] if latent else n)
+        cache = None
+        logits = []
+        for pass_idx in range(len(latent)):
+            if cache is not None and cache.get_seq_length() > compute[0]:
+                cache.crop(compute[0] - cache.get_seq_length())
+            start, end = compute
+            out = self.base_causallm(
+                inputs_embeds=inputs_embeds[:, start:end],
+                attention_mask=torch.ones(1, end, dtype=torch.long),
+                position_ids=position_ids[:, start:end],
+                output_hidden_states=True,
+                **({cache_kw: cache} if cache is not None else {}),
+            )
+            offset = 0 if cache is None else start
+            logits.append(out.logits)
+            cache = getattr(out, cache_kw)
+            assert cache.get_seq_length() == end, (cache.get_seq_length(), end)
+            hidden = out.hidden_states[-1]
+            compute = (end, n if pass_idx + 1 >= len(latent) else end + 1)
+            p = latent[pass_idx]
+            inputs_embeds = inputs_embeds.clone()  # the official code rebuilds it (no in-place op)
+            inputs_embeds[0, p] = hidden[0, p - 1 - offset]
+        if cache is not None and cache.get_seq_length() > compute[0]:
+            cache.crop(compute[0] - cache.get_seq_length())
+        start, end = compute
+        out = self.base_causallm(
+            inputs_embeds=inputs_embeds[:, start:end],
+            attention_mask=torch.ones(1, end, dtype=torch.long),
+            position_ids=position_ids[:, start:end],
+            output_hidden_states=True,
+            **({cache_kw: cache} if cache is not None else {}),
+        )
+        logits.append(out.logits)
+        return inputs_embeds, torch.cat(logits, dim=-2)
+
+    @torch.no_grad()
+    def generate_ids(self, input_ids: list[int], max_new_tokens: int) -> tuple[torch.Tensor, list[int]]:
+        """`Coconut.generate`, batch 1. Returns (thoughts [k, d] fed at the latent positions, the
+        generated tokens after the prompt).
+
+        As the official code: one `forward_ids` over the prompt; its last argmax is appended
+        unconditionally, *even if it is eos* (and decoding goes on past it); then up to
+        max_new_tokens - 1 greedy steps, each re-running the whole sequence of input embeddings
+        (prompt embeddings with the thoughts, then the generated tokens' embeddings) with no KV cache
+        and no position_ids (HF's default 0..n-1), argmax over the full vocabulary (markers
+        included); a step that picks eos stops and eos is not appended. So len <= max_new_tokens,
+        and the list never ends with eos unless it is the single first token. The official answer
+        is `coconut_answer(tokenizer, input_ids + generated)`."""
+        inputs_embeds, logits = self.forward_ids(input_ids)
+        thoughts = inputs_embeds[0, self.latent_positions(list(input_ids))]
+        token = int(torch.argmax(logits[0, -1]))
+        generated = [token]
+        embeds = torch.cat([inputs_embeds, self.embed([token])], dim=1)
+        for _ in range(max_new_tokens - 1):
+            token = int(torch.argmax(self.base_causallm(inputs_embeds=embeds).logits[0, -1]))
+            if token == self.eos_id:
+                break
+            generated.append(token)
+            embeds = torch.cat([embeds, self.embed([token])], dim=1)
+        return thoughts, generated
+
+    @torch.no_grad()
+    def layer_outputs(self, embeds: torch.Tensor) -> list[torch.Tensor]:
+        """Each decoder layer's output [pos, d] for a full pass over embeds [1, pos, d]."""
+        outputs: list[torch.Tensor] = []
+        handles = [layer.register_forward_hook(lambda mod, args, out: outputs.append((out[0] if isinstance(out, tuple) else out)[0].clone())) for layer in self.blocks]
+        try:
+            self.full(embeds)
+        finally:
+            for h in handles:
+                h.remove()
+        return outputs
+
+
+def coconut_answer(tokenizer, tokens: list[int]) -> str:
+    """run.py's answer: decode prompt + generated with skip_special_tokens=True (eos goes; the added
+    markers are not special and stay), the text after the last "#", commas removed, stripped."""
+    return tokenizer.decode(tokens, skip_special_tokens=True).split("#")[-1].replace(",", "").strip()
+
+
+@torch.no_grad()
+def reference_coconut_patch(
+    ref: ReferenceCoconut,
+    corrupted_ids: list[int],
+    corrupted_thoughts: torch.Tensor,
+    clean_outputs: torch.Tensor,
+    tail_ids: list[int],
+    *,
+    module: str,
+    layer: int,
+    positions: list[int],
+    strategy: str,
+):
+    """Patch clean outputs of decoder layer `layer` (module "layer") or its attention / mlp into the
+    corrupted Coconut run at `positions` (sequence positions), full recompute, no KV cache.
+
+    corrupted_ids: the prompt through <|end-latent|> (`prompt_ids`); tail_ids: the tokens after it
+    (e.g. "###"); corrupted_thoughts [k, d]: the corrupted run's fed thoughts; clean_outputs
+    [seq, d]: the clean run's output of that module over its full sequence (`module_outputs`).
+    The thought map is the identity: thought at p = hidden_states[-1][p - 1].
+    parallel: one pass with the thoughts held at the corrupted run's, the patch written at
+    `positions`; iterative: the latent loop re-run position by position with the patch active in
+    every pass and in the final one; feedback: the loop re-run with the patch only in the pass whose
+    last position is the patched one (its state feeds the next thought), the final pass unpatched.
+    Returns (logits at the last position [V], thoughts fed [k, d]).
+    """
+    ids = list(corrupted_ids) + list(tail_ids)
+    latent = ref.latent_positions(list(corrupted_ids))
+    assert len(latent) == corrupted_thoughts.shape[0], (len(latent), tuple(corrupted_thoughts.shape))
+    assert strategy in ("parallel", "iterative", "feedback"), strategy
+    target = ref.module(module, layer)
+    values = clean_outputs[positions]
+    if strategy == "parallel":
+        embeds = ref.sequence_embeds(ids, corrupted_thoughts)
+        handle = _replace_output(target, positions, values)
+        try:
+            logits = ref.full(embeds).logits[0, -1]
+        finally:
+            handle.remove()
+        return logits, embeds[0, latent]
+    embeds = ref.embed(ids)
+    if strategy == "feedback":
+        for p in latent:
+            here = p - 1  # the last position of this pass: its final-normed state is the thought at p
+            handle = _replace_output(target, [here], values[[positions.index(here)]]) if here in positions else None
+            try:
+                embeds[0, p] = ref.full(embeds[:, :p]).hidden_states[-1][0, p - 1]
+            finally:
+                if handle is not None:
+                    handle.remove()
+        return ref.full(embeds).logits[0, -1], embeds[0, latent]
+    handle = _replace_output(target, positions, values)
+    try:
+        for p in latent:
+            embeds[0, p] = ref.full(embeds[:, :p]).hidden_states[-1][0, p - 1]
+        logits = ref.full(embeds).logits[0, -1]
+    finally:
+        handle.remove()
+    return logits, embeds[0, latent]
