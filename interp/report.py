@@ -81,6 +81,15 @@ DEFINITIONS = {
 }
 
 
+FAMILY_NAMES = {"codi": "CODI (thought = prj of the final-normed state)", "coconut": "Coconut (thought = the final-normed state itself)"}
+
+
+def model_line(load_options: dict[str, Any]) -> str:
+    """One line naming the model family, architecture and number of thoughts, from the loader's options."""
+    family = load_options.get("family", "?")
+    return f"Model: {FAMILY_NAMES.get(family, family)}, {load_options.get('model_type', '?')} base, {load_options.get('num_latents', '?')} thoughts."
+
+
 def definitions_html() -> str:
     return "<dl>" + "".join(f"<dt><b>{html.escape(k)}</b></dt><dd>{html.escape(v)}</dd>" for k, v in DEFINITIONS.items()) + "</dl>"
 
@@ -111,7 +120,7 @@ def examples_table(examples: list[dict[str, Any]]) -> str:
         values = " ".join(f"{v:g}" for v in ex.get("intermediates", []))
         out.append(
             f"<p><code>{html.escape(ex['question'])}</code> → {html.escape(ex['answer'])}" + (f" (intermediate values: {html.escape(values)})" if values else "") + "</p>"
-            f'<table class="validity"><tr><th>latent</th><th>state (what prj reads)</th><th>fed embedding</th></tr>{rows}</table>'
+            f'<table class="validity"><tr><th>latent</th><th>state (what the thought map reads)</th><th>fed embedding</th></tr>{rows}</table>'
         )
     return "".join(out)
 
@@ -187,6 +196,7 @@ def write_report(run_dir: str | Path) -> Path:
 </head><body>
 <h1>Patching sweep: {html.escape(run_dir.name)}</h1>
 <p>{counts}</p>
+<p>{html.escape(model_line(run.get("fingerprint", {}).get("model", {}).get("load_options", {})))}</p>
 <h2>Verdict</h2>
 <p class="verdict">{html.escape(verdict)}</p>
 <h2>Validity checks</h2>

@@ -152,12 +152,15 @@ def write_analysis_report(out_dir: str | Path) -> Path:
     data = _read(out / "analysis.json")
     if data is None:
         raise FileNotFoundError(f"no analysis.json in {out}; run `interp analyze --out {out}` first")
+    from interp.report import model_line
+
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>interp analysis: {html.escape(out.name)}</title>
 <style>body {{ font-family: system-ui, sans-serif; margin: 1em auto; padding: 0 1.5em; max-width: 1400px; color: #222; }} dd {{ margin-bottom: 0.4em; }}</style>
 <script type="text/javascript">{get_plotlyjs()}</script>
 </head><body>
 <h1>What the latents hold: {html.escape(out.name)}</h1>
+<p>{html.escape(model_line(data["meta"].get("provenance", {}).get("load_options", {})))}</p>
 {analysis_section(data)}
 <h2>Provenance</h2><pre>{html.escape(json.dumps(data["meta"], indent=1))}</pre>
 </body></html>

@@ -163,7 +163,8 @@ def load_codi(
     if base is None:
         if isinstance(checkpoint, dict) or not is_hub_id(str(checkpoint)):
             raise CheckpointError(
-                f"base= is required for a local checkpoint: pass the local directory or hub id of the model it was trained on (defaults exist only for the official hub ids {', '.join(OFFICIAL_BASES)})"
+                "base= is required for a local checkpoint: pass the local directory or hub id of the model it was "
+                f"trained on (defaults exist only for the official hub ids {', '.join(OFFICIAL_BASES)})"
             )
         base = default_base(str(checkpoint))
     state, found = read_checkpoint(checkpoint, revision)
