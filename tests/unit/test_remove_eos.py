@@ -47,3 +47,18 @@ def test_patch_matches_reference(codi, strategy):
     logits, fed = reference_patch_pair(ref, model, CLEAN_Q, CORRUPTED_Q, clean, corrupted, module="layer", layer=1, latents=[1], strategy=strategy, remove_eos=False)
     torch.testing.assert_close(result.answer_logits, logits, rtol=TOL, atol=TOL)
     torch.testing.assert_close(result.latents, fed, rtol=TOL, atol=TOL)
+
+
+def test_decode_latents_reads_each_latent_position_of_the_reference(codi):
+    """Latent t's `state` row is the reference's logits at latent t's own position, after the eos
+    suffix (a position count that ignores the suffix reads `bot` as latent 0)."""
+    ref, model, tok, _ = codi
+    gen = model.generate(QUESTION, max_new_tokens=MAX_NEW)
+    ids = tok(QUESTION)["input_ids"]
+    embeds = ref.sequence_embeds(ids, gen.latents, [], bot=model.bot_id, eot=model.eot_id, eos=model.eos_id, remove_eos=False)
+    logits = ref.codi(inputs_embeds=embeds).logits[0].detach()
+    first = len(ids) + 2  # question, eos, bot
+    for t, row in enumerate(model.decode_latents(gen, k=1)):
+        probs = logits[first + t, : model.eot_id].softmax(-1)
+        token, p = row["state"][0]
+        assert token == model.tokenizer.decode([int(probs.argmax())]) and p == pytest.approx(float(probs.max()), rel=1e-4)
