@@ -73,10 +73,7 @@ def load_model(args: argparse.Namespace):
     if args.checkpoint is not None:
         base = o["base"]["ref"] if isinstance(o["base"], dict) else o["base"]
         if o["family"] == "codi":
-            detail = (
-                f"lora_alpha {o['lora_alpha']:g} (LoRA rank {o['lora_rank']}; alpha is not stored in checkpoints: official code default 16, "
-                f"released scripts 32), remove_eos {o['remove_eos']}"
-            )
+            detail = f"lora_alpha {o['lora_alpha']:g} (LoRA rank {o['lora_rank']}; alpha is not stored in checkpoints: official code default 16, released scripts 32), remove_eos {o['remove_eos']}"
         else:
             ckpt = o["checkpoint"]["path"] if isinstance(o["checkpoint"], dict) else o["checkpoint"]
             detail = f"{ckpt}, {o['num_latents']} thoughts (not stored in checkpoints)"
@@ -112,16 +109,21 @@ def build_pairs(args: argparse.Namespace, model) -> tuple[list, dict]:
     """Pairs from the chosen source, aligned to the model's tokenizer, optionally model-filtered."""
     from collections import Counter
 
-    from interp.data import align, arithmetic_pairs, filter_by_model, gsm8k_pairs, three_step_pairs
+    from interp.data import align_to_model, arithmetic_pairs, filter_by_model, gsm8k_pairs, three_step_pairs
 
     counts: dict[str, Counter] = {"source": Counter(), "align": Counter(), "model": Counter()}
     if args.source in ("arithmetic", "three-step"):
         make = arithmetic_pairs if args.source == "arithmetic" else three_step_pairs
         pairs = make(args.n * 2 if args.filter else args.n, seed=args.seed)
         counts["source"]["read"] = counts["source"]["corrupted"] = len(pairs)
+    elif args.source == "prosqa":
+        pairs = prosqa_source(args, counts["source"])
     else:
         pairs = gsm8k_pairs(args.gsm8k, split=args.split, seed=args.seed, counts=counts["source"])
-    aligned = [a.pair for a in align(pairs, model.tokenizer, counts=counts["align"])]
+    aligned = [a.pair for a in align_to_model(pairs, model, counts=counts["align"])]
+    if args.source == "prosqa":  # every candidate edit was aligned: keep each problem's first that aligns
+        firsts = {p.source["index"]: p for p in reversed(aligned)}
+        aligned = [p for p in aligned if firsts[p.source["index"]] is p]
     # the model filter generates: a question, its latents and 32 decoded tokens must fit the context
     room = model.cfg.n_ctx - model.num_latents - 2 - 32
     fits = [p for p in aligned if len(model.prompt_ids(p.clean_question)) <= room]
@@ -140,6 +142,15 @@ def build_pairs(args: argparse.Namespace, model) -> tuple[list, dict]:
     print(f"kept: {len(kept)} pairs")
     meta = {"source": args.source, "seed": args.seed, "n": args.n, "counts": {k: dict(v) for k, v in counts.items()}, "kept": len(kept)}
     return kept, meta
+
+
+def prosqa_source(args: argparse.Namespace, counts) -> list:
+    """ProsQA pairs (every candidate edit) from `--prosqa FILE` (the official JSON), or from 2n new
+    problems of the released recipe (`--seed`) when no file is given."""
+    from interp.data import generate_prosqa, load_prosqa, prosqa_pairs
+
+    problems = load_prosqa(args.prosqa) if args.prosqa else generate_prosqa(2 * args.n, seed=args.seed)
+    return prosqa_pairs(problems, seed=args.seed, counts=counts, per_problem=None)
 
 
 def cmd_pairs(args: argparse.Namespace) -> None:
@@ -346,10 +357,12 @@ def add_sweep_args(p: argparse.ArgumentParser, default_out: str | None) -> None:
 def add_pair_source_args(p: argparse.ArgumentParser, n: int) -> None:
     p.add_argument(
         "--source",
-        choices=["arithmetic", "gsm8k", "three-step"],
+        choices=["arithmetic", "gsm8k", "three-step", "prosqa"],
         default="arithmetic",
-        help="three-step: Cywinski et al.'s word problems (for real checkpoints; the embedded model knows only arithmetic)",
+        help="three-step: Cywinski et al.'s word problems (for real checkpoints; the embedded model knows only arithmetic); "
+        "prosqa: Coconut's graph problems (--prosqa FILE, or new problems of the released recipe)",
     )
+    p.add_argument("--prosqa", default=None, help="ProsQA JSON file in the official format (e.g. ../shared/data/prosqa/test.json); default: generate new problems")
     p.add_argument("--n", type=positive_int, default=n, help="number of pairs to keep (1 or more)")
     p.add_argument("--gsm8k", default=None, help="GSM8K JSONL file or directory (default: the hub copy via `datasets`)")
     p.add_argument("--split", default="test")

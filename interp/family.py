@@ -52,7 +52,8 @@ def after_last_hash(text: str) -> float | str | None:
 class Family:
     """The text format of a family (its thought map is the model's `prj`, None for the identity).
 
-    question_template: how the question is written before tokenizing (`{question}` is replaced).
+    question_template: how the question is written before tokenizing (`{question}` is replaced; the
+        question comes first, so alignment appends `question_text("")` to each question).
     answer_prefix: the text the model writes before the answer (the default of `LatentModel.answer_prefix`).
     decode_below_eot: greedy decoding considers only ids < eot (CODI) instead of the whole vocabulary.
     answer_rule: how the answer is read from the decoded text.

@@ -147,7 +147,7 @@ def check_sweep(model: LatentModel, pairs: Sequence[Pair], config: SweepConfig) 
 
 def check_pairs(model: LatentModel, pairs: Sequence[Pair]) -> None:
     """The pairs part of `check_sweep`: UsageError naming the first bad pair and how many are bad."""
-    from interp.data.align import align
+    from interp.data.align import align_to_model
 
     if not pairs:
         raise UsageError("--pairs: no pairs; accepted: a pairs file with at least one pair (interp pairs writes one)")
@@ -161,7 +161,7 @@ def check_pairs(model: LatentModel, pairs: Sequence[Pair]) -> None:
         problem = None
         if not all(isinstance(a, str) or math.isfinite(a) for a in (pair.clean_answer, pair.corrupted_answer)):
             problem = f"non-finite answer ({pair.clean_answer}, {pair.corrupted_answer}); accepted: finite numbers or answer texts"
-        elif not align([pair], model.tokenizer, counts=(counts := Counter())):
+        elif not align_to_model([pair], model, counts=(counts := Counter())):
             reason = next(k for k, v in counts.items() if k.startswith("drop.") and v)
             problem = f"its prompts do not align under the model's tokenizer ({reason.removeprefix('drop.')}); accepted: prompts of equal token length differing only in the changed number"
         else:

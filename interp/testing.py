@@ -136,9 +136,9 @@ def build_model(name: str, *, dtype: torch.dtype, device: str) -> LatentModel:
 
 def bench_pairs(model: LatentModel, n: int, seed: int = 0) -> list:
     """`n` arithmetic pairs that tokenize aligned under the model's tokenizer."""
-    from interp.data import align, arithmetic_pairs
+    from interp.data import align_to_model, arithmetic_pairs
 
-    pairs = [a.pair for a in align(arithmetic_pairs(4 * n + 8, seed=seed), model.tokenizer)][:n]
+    pairs = [a.pair for a in align_to_model(arithmetic_pairs(4 * n + 8, seed=seed), model)][:n]
     if len(pairs) < n:
         raise SystemExit(f"error: only {len(pairs)} aligned pairs for this tokenizer (asked {n})")
     return pairs

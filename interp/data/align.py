@@ -13,13 +13,13 @@ Both functions fill an optional `collections.Counter` with their stage counts:
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from interp.data.pairs import Pair
+from interp.family import answers_equal
 
 ANSWER_PREFIX = "The answer is:"
 
@@ -30,8 +30,9 @@ class AlignedPair:
 
     `clean_ids`/`corrupted_ids`: `tokenizer(question)["input_ids"]`, BOS included, equal length.
     `diff_positions`: the positions where they differ (all inside the changed number).
-    `clean_answer_ids`/`corrupted_answer_ids`: the tokens of " <answer>" following
-    `ANSWER_PREFIX`; `first_diff`: the first index where these differ (present in both).
+    `clean_answer_ids`/`corrupted_answer_ids`: the tokens of " <answer>" following the answer
+    prefix (`ANSWER_PREFIX` unless `align` was given another); `first_diff`: the first index where
+    these differ (present in both).
     """
 
     pair: Pair
@@ -64,10 +65,10 @@ def _overlaps(offset: tuple[int, int], span: tuple[int, int]) -> bool:
     return offset[0] < span[1] and span[0] < offset[1]
 
 
-def _align_one(pair: Pair, tokenizer: Any) -> AlignedPair | str:
+def _align_one(pair: Pair, tokenizer: Any, answer_prefix: str, question_suffix: str) -> AlignedPair | str:
     """The aligned pair, or the name of the reason it is dropped."""
-    clean = tokenizer(pair.clean_question, return_offsets_mapping=True)
-    corrupted = tokenizer(pair.corrupted_question, return_offsets_mapping=True)
+    clean = tokenizer(pair.clean_question + question_suffix, return_offsets_mapping=True)
+    corrupted = tokenizer(pair.corrupted_question + question_suffix, return_offsets_mapping=True)
     c_ids, k_ids = tuple(clean["input_ids"]), tuple(corrupted["input_ids"])
     if len(c_ids) != len(k_ids):
         return "length_changed"
@@ -79,7 +80,7 @@ def _align_one(pair: Pair, tokenizer: Any) -> AlignedPair | str:
     inside = all(_overlaps(clean["offset_mapping"][i], pair.change.span) and _overlaps(corrupted["offset_mapping"][i], new_span) for i in diffs)
     if not inside:
         return "diff_outside_span"
-    c_ans, k_ans = answer_ids(tokenizer, pair.clean_answer), answer_ids(tokenizer, pair.corrupted_answer)
+    c_ans, k_ans = answer_ids(tokenizer, pair.clean_answer, answer_prefix), answer_ids(tokenizer, pair.corrupted_answer, answer_prefix)
     if c_ans is None or k_ans is None:
         return "answer_prefix_merged"
     first = next((i for i, (a, b) in enumerate(zip(c_ans, k_ans)) if a != b), None)
@@ -88,13 +89,15 @@ def _align_one(pair: Pair, tokenizer: Any) -> AlignedPair | str:
     return AlignedPair(pair, c_ids, k_ids, diffs, c_ans, k_ans, first)
 
 
-def align(pairs: Sequence[Pair], tokenizer: Any, counts: Counter | None = None) -> list[AlignedPair]:
+def align(pairs: Sequence[Pair], tokenizer: Any, counts: Counter | None = None, answer_prefix: str = ANSWER_PREFIX, question_suffix: str = "") -> list[AlignedPair]:
     """Keep the pairs that align token by token under `tokenizer` (a fast Hugging Face tokenizer).
 
     A pair is kept when its two questions have equal token length and differ only in tokens
-    overlapping the changed number's character span, and its two answers (after "The answer is:")
-    differ at some token present in both. `counts` receives the counts listed in the module
-    docstring (e.g. `drop.length_changed` for "9" -> "10" under a tokenizer that splits "10").
+    overlapping the changed number's character span, and its two answers (after `answer_prefix`:
+    "The answer is:" for CODI, "###" for Coconut, whose answer text is "### " + answer) differ at
+    some token present in both. `question_suffix` is what the model writes after each question
+    before tokenizing (Coconut: a newline). `counts` receives the counts listed in the module docstring
+    (e.g. `drop.length_changed` for "9" -> "10" under a tokenizer that splits "10").
     """
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError(
@@ -107,7 +110,7 @@ def align(pairs: Sequence[Pair], tokenizer: Any, counts: Counter | None = None) 
     kept = []
     for pair in pairs:
         counts["in"] += 1
-        result = _align_one(pair, tokenizer)
+        result = _align_one(pair, tokenizer, answer_prefix, question_suffix)
         if isinstance(result, str):
             counts[f"drop.{result}"] += 1
         else:
@@ -116,14 +119,20 @@ def align(pairs: Sequence[Pair], tokenizer: Any, counts: Counter | None = None) 
     return kept
 
 
+def align_to_model(pairs: Sequence[Pair], model: Any, counts: Counter | None = None) -> list[AlignedPair]:
+    """`align` as `model` (a `LatentModel`) reads its prompts: its tokenizer, question text and answer prefix."""
+    suffix = model.family.question_text("")
+    return align(pairs, model.tokenizer, counts=counts, answer_prefix=model.answer_prefix, question_suffix=suffix)
+
+
 class Generation(Protocol):
     """What `filter_by_model` reads from a generation: the parsed numeric answer, if any."""
 
-    answer: float | None
+    answer: float | str | None
 
 
 class Generator(Protocol):
-    """The part of `interp.model.CodiModel` that `filter_by_model` uses."""
+    """The part of `interp.model.LatentModel` that `filter_by_model` uses."""
 
     def generate_batch(self, questions: list[str], max_new_tokens: int = 32) -> Sequence[Generation]: ...
 
@@ -131,8 +140,8 @@ class Generator(Protocol):
 T = TypeVar("T", Pair, AlignedPair)
 
 
-def _correct(generation: Generation, expected: float) -> bool:
-    return generation.answer is not None and math.isclose(generation.answer, expected, rel_tol=1e-9, abs_tol=1e-6)
+def _correct(generation: Generation, expected: float | str) -> bool:
+    return answers_equal(generation.answer, expected)
 
 
 def _answers_correct(model: Generator, questions: list[str], expected: list[float], batch_size: int, max_new_tokens: int) -> list[bool]:
@@ -158,7 +167,7 @@ def filter_by_model(
     with `both`, whose corrupted question too (asked only for the clean-correct ones).
 
     `model.generate_batch(questions, max_new_tokens=...)` must return one object per question
-    with `.answer: float | None`. `counts` receives the counts listed in the module docstring.
+    with `.answer: float | str | None` (compared by `interp.family.answers_equal`). `counts` receives the counts listed in the module docstring.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")

@@ -1,4 +1,9 @@
-"""The clean/corrupted problem pair shared by every data source, and its versioned JSON file."""
+"""The clean/corrupted problem pair shared by every data source, and its versioned JSON file.
+
+A pair's two answers are of one kind: numbers (arithmetic, GSM8K; stored as JSON numbers, read as
+floats) or text (ProsQA's "Tom is a lempus."; stored and read as strings). A file mixing the two
+in one pair is refused as malformed.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +23,8 @@ _CHANGE_FIELDS = ("old", "new", "span")
 
 @dataclass(frozen=True)
 class NumberChange:
-    """The one number that differs between the clean and the corrupted question.
+    """The one number (or, for text tasks such as ProsQA, the one word) that differs between the
+    clean and the corrupted question.
 
     `span` is the (start, end) character span of `old` in the clean question; `new` sits at
     `(start, start + len(new))` in the corrupted question.
@@ -31,7 +37,7 @@ class NumberChange:
 
 @dataclass(frozen=True)
 class Pair:
-    """Two prompts that differ in one number and have different answers.
+    """Two prompts that differ in one number (or word) and have different answers.
 
     `clean_intermediates` / `corrupted_intermediates`: the value after each step of each side's
     solution (the last one is the answer; empty when the source does not know them);
@@ -43,8 +49,8 @@ class Pair:
     id: str
     clean_question: str
     corrupted_question: str
-    clean_answer: float
-    corrupted_answer: float
+    clean_answer: float | str
+    corrupted_answer: float | str
     change: NumberChange
     source: dict[str, Any] = field(default_factory=dict)
     clean_intermediates: tuple[float, ...] = ()
@@ -64,12 +70,24 @@ class Pair:
             id=str(d["id"]),
             clean_question=d["clean_question"],
             corrupted_question=d["corrupted_question"],
-            clean_answer=float(d["clean_answer"]),
-            corrupted_answer=float(d["corrupted_answer"]),
+            **_answers(d["clean_answer"], d["corrupted_answer"]),
             change=NumberChange(change["old"], change["new"], tuple(change["span"])),
             source=dict(d.get("source", {})),
             **_intermediates(d),
         )
+
+
+def _answers(clean: Any, corrupted: Any) -> dict[str, float | str]:
+    """Both answers as text when both are strings, else both as floats (ValueError if only one is text)."""
+    if isinstance(clean, str) and isinstance(corrupted, str):
+        return {"clean_answer": clean, "corrupted_answer": corrupted}
+    if isinstance(clean, str) or isinstance(corrupted, str):
+        raise ValueError(f"answers {clean!r} and {corrupted!r} mix text and number; both must be numbers or both text")
+    return {"clean_answer": float(clean), "corrupted_answer": float(corrupted)}
+
+
+def _show(answer: float | str) -> str:
+    return repr(answer) if isinstance(answer, str) else f"{answer:g}"
 
 
 def _intermediates(d: dict[str, Any]) -> dict[str, Any]:
@@ -163,6 +181,6 @@ def load_pairs(path: str | Path) -> tuple[list[Pair], dict[str, Any]]:
         except (TypeError, ValueError) as e:
             raise ValueError(f"{where} has a malformed field ({e}); {regenerate}") from None
         if pair.clean_answer == pair.corrupted_answer:
-            raise ValueError(f"{where} has equal clean and corrupted answers ({pair.clean_answer:g}); a pair must change the answer: remove it from the file or regenerate the pairs")
+            raise ValueError(f"{where} has equal clean and corrupted answers ({_show(pair.clean_answer)}); a pair must change the answer: remove it from the file or regenerate the pairs")
         pairs.append(pair)
     return pairs, meta

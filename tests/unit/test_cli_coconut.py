@@ -63,3 +63,24 @@ def test_the_worker_spec_loads_either_family(tiny_gpt2_coconut, tiny_codi):
     c = tiny_gpt2_coconut
     model = ModelSpec(checkpoint=str(c.ckpt_dir), base=str(c.base_dir), device="cpu", num_latents=2).load()
     assert model.family.name == "coconut" and model.num_latents == 2
+
+
+def test_prosqa_pairs_from_the_released_file_patch_on_coconut(tiny_llama_coconut, tmp_path, capsys):
+    """`--source prosqa`: released problems, one pair per problem whose edited word aligns, both
+    answers recomputed from the graph; the sweep scores the answers' first differing token after ###."""
+    from tests.conftest import REPO
+
+    c = tiny_llama_coconut
+    args = ["--checkpoint", str(c.ckpt_dir), "--base", str(c.base_dir), "--num-latents", "2"]
+    pairs_file = tmp_path / "pairs.json"
+    main(["pairs", *args, "--source", "prosqa", "--prosqa", str(REPO.parent / "shared" / "data" / "prosqa" / "valid.json"), "--n", "2", "--no-filter", "--out", str(pairs_file)])
+    pairs, meta = load_pairs(pairs_file)
+    assert len(pairs) == 2 and len({p.source["index"] for p in pairs}) == 2
+    for p in pairs:
+        assert isinstance(p.clean_answer, str) and p.clean_answer.startswith(p.source["root"]) and p.corrupted_answer.endswith(p.source["neg_target"] + ".")
+    out = tmp_path / "run"
+    main(["patch", *args, "--pairs", str(pairs_file), "--layers", "1", "--kinds", "single", "--strategy", "parallel,iterative", "--out", str(out)])
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 2 * 2 and json.loads((out / "summary.json").read_text())["validity"]["n_failed"] == 0
+    assert {r["clean_answer"] for r in rows} == {p.clean_answer for p in pairs}
+    capsys.readouterr()
