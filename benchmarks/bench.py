@@ -4,7 +4,7 @@ The naive patcher (`benchmarks.naive.naive_patch`) is how a first study would pa
 of full forward passes over the whole sequence, without a KV cache: iterative patching recomputes
 the whole sequence so far at every latent step, and the greedy decode recomputes the whole sequence
 for every generated token. The fast engine is `interp.engine` (prefix reuse, batched tests). Both feed
-the same `interp.sweep.unit_rows` scoring; every row and the answer logits are compared.
+the same `interp.score.unit_rows` scoring; every row and the answer logits are compared.
 
 Reported: tests/s of each (a test = one row: one pair, layer, latent set and strategy, patched and
 scored; tests that are the same patched run, a cumulative set equal to a single latent or to the

@@ -15,7 +15,7 @@ from interp.layout import SequenceLayout
 from interp.loading import CheckpointError, load_coconut, load_codi, load_default, load_model
 from interp.model import Generation, LatentModel, Trace
 from interp.patching import patch, patch_sites
-from interp.sweep import SweepConfig, run_sweep
+from interp.sweep import SweepConfig, run_sweep, sweep
 from interp.trace import PairTraces, trace_pair
 
 #: the name of `LatentModel` before a second family existed
@@ -52,5 +52,6 @@ __all__ = [
     "patch",
     "patch_sites",
     "run_sweep",
+    "sweep",
     "trace_pair",
 ]

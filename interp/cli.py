@@ -486,7 +486,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             check_model_args(args)
         args.func(args)
     except (ValueError, FileNotFoundError) as exc:  # usage: an argument or input file (UsageError, PatchError, ...)
-        print(f"error: {exc}", file=sys.stderr)
+        from interp.sweep import FLAGS, ConfigError
+
+        message = exc.message(FLAGS[exc.field]) if isinstance(exc, ConfigError) else str(exc)  # SweepConfig fields as the flags that set them
+        print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
     except (RunError, OSError) as exc:  # failure: a locked run directory, a full disk, an unreadable file
         print(f"error: {exc}" + ("; rerun the same command to resume once fixed" if isinstance(exc, OSError) else ""), file=sys.stderr)

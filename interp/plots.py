@@ -50,7 +50,7 @@ def load_results(run_dir: str | Path) -> pd.DataFrame:
     """results.jsonl of a run directory as a DataFrame, one row per patch test."""
     path = Path(run_dir) / "results.jsonl"
     if not path.exists():
-        raise FileNotFoundError(f"no results.jsonl in {run_dir}: is it a run directory written by interp.sweep.run_sweep?")
+        raise FileNotFoundError(f"no results.jsonl in {run_dir}: is it a run directory written by interp.run_sweep?")
     rows, repeated = unique_rows(read_jsonl(path), "test_id")
     if not rows:
         raise ValueError(f"{path} holds no results yet")

@@ -1,6 +1,8 @@
 """Patching sweeps over pairs x layers x latent sets x strategies: resumable, with validity checks.
 
-A run directory holds:
+`sweep(model, pairs, config)` runs a grid in memory and returns its rows as a pandas DataFrame (as
+TransformerLens's `generic_activation_patch` returns a tensor); `run_sweep` is the same work with a
+run directory, which holds:
 - `results.jsonl`: one row per patch test (schema below), appended atomically per unit of work
   (one pair, one hook, one latent set, both strategies), so an interrupted run resumes with no
   finished test lost or repeated.
@@ -24,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
@@ -43,6 +46,25 @@ from interp.trace import PairTraces, similarity_positions, trace_pair
 HOOK_FAMILIES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 #: the engine batches the units of up to this many pairs together (their traces are held meanwhile)
 MAX_GROUP_PAIRS = 16
+
+
+class ConfigError(UsageError):
+    """A sweep that cannot run as configured, naming the `SweepConfig` field (or the pairs) at fault.
+
+    `str()` names the field as the library sees it (`SweepConfig.layers (0, 0): 0 is listed twice`);
+    the CLI shows the same message with its flag instead (`--layers 0,0: ...`, see `FLAGS`).
+    """
+
+    def __init__(self, field: str, detail: str, value: str | None = None):
+        self.field, self.detail, self.value = field, detail, value
+        super().__init__(self.message(f"SweepConfig.{field}" if field != "pairs" else "pairs"))
+
+    def message(self, name: str) -> str:
+        return f"{name} {self.value}: {self.detail}" if self.value is not None else f"{name}: {self.detail}"
+
+
+#: the CLI flag of each field `ConfigError` may name
+FLAGS = {"intervention": "--intervention", "strategies": "--strategy", "kinds": "--kinds", "layers": "--layers", "hook": "--hook", "num_latents": "--num-latents", "pairs": "--pairs"}
 
 
 @dataclass
@@ -110,38 +132,38 @@ def check_sweep(model: LatentModel, pairs: Sequence[Pair], config: SweepConfig) 
     tokenizer, answers told apart by a token, every sequence within the model's context).
     """
 
-    def listed(name: str, values: Sequence[Any], accepted: Sequence[Any]) -> None:
+    def listed(field: str, values: Sequence[Any], accepted: Sequence[Any]) -> None:
         shown = ",".join(map(str, values))
         if not values:
-            raise UsageError(f"--{name} is empty; accepted: one or more of {','.join(map(str, accepted))}")
+            raise ConfigError(field, f"is empty; accepted: one or more of {','.join(map(str, accepted))}")
         unknown = [v for v in values if v not in accepted]
         if unknown:
-            raise UsageError(f"--{name} {shown}: {unknown[0]!r} is not valid; accepted: {','.join(map(str, accepted))}")
+            raise ConfigError(field, f"{unknown[0]!r} is not valid; accepted: {','.join(map(str, accepted))}", shown)
         repeated = sorted({v for v in values if list(values).count(v) > 1})
         if repeated:
-            raise UsageError(f"--{name} {shown}: {repeated[0]} is listed twice; give each once")
+            raise ConfigError(field, f"{repeated[0]} is listed twice; give each once", shown)
 
     if config.intervention not in INTERVENTIONS:
-        raise UsageError(f"--intervention {config.intervention!r}: accepted: {', '.join(INTERVENTIONS)}")
-    listed("strategy", config.strategies, STRATEGIES)
+        raise ConfigError("intervention", f"accepted: {', '.join(INTERVENTIONS)}", repr(config.intervention))
+    listed("strategies", config.strategies, STRATEGIES)
     listed("kinds", config.kinds, KINDS)
     n_layers = model.cfg.n_layers
     layers = config.layers if config.layers is not None else tuple(range(n_layers))
     listed("layers", layers, range(n_layers))
     accepted_hooks = f"a family ({'|'.join(HOOK_FAMILIES)}) or a template with {{L}} like 'blocks.{{L}}.attn.hook_z'"
-    for layer in layers:
+    for layer in layers:  # every layer's hook: a template may name a hook some layers lack
         try:
             name = config.hook_name(layer)
         except (KeyError, IndexError, ValueError):
-            raise UsageError(f"--hook {config.hook!r}: a template may hold only {{L}} (the layer) in braces; accepted: {accepted_hooks}") from None
+            raise ConfigError("hook", f"a template may hold only {{L}} (the layer) in braces; accepted: {accepted_hooks}", repr(config.hook)) from None
         try:
             check_hook(model, name)
         except ValueError as exc:
-            raise UsageError(f"--hook {config.hook!r}: {exc}; accepted: {accepted_hooks}") from None
-    if layer_of(name) is None:
-        raise UsageError(f"--hook {config.hook!r}: {name!r} is not inside a block; accepted: {accepted_hooks}")
+            raise ConfigError("hook", f"{exc}; accepted: {accepted_hooks}", repr(config.hook)) from None
+        if layer_of(name) is None:
+            raise ConfigError("hook", f"{name!r} is not inside a block; accepted: {accepted_hooks}", repr(config.hook))
     if model.num_latents < 1:
-        raise UsageError(f"--num-latents {model.num_latents}: accepted: 1 or more")
+        raise ConfigError("num_latents", "accepted: 1 or more", str(model.num_latents))
     check_pairs(model, pairs)
 
 
@@ -150,11 +172,11 @@ def check_pairs(model: LatentModel, pairs: Sequence[Pair]) -> None:
     from interp.data.align import align_to_model
 
     if not pairs:
-        raise UsageError("--pairs: no pairs; accepted: a pairs file with at least one pair (interp pairs writes one)")
+        raise ConfigError("pairs", "no pairs; accepted: a pairs file with at least one pair (interp pairs writes one)")
     ids = [p.id for p in pairs]
     repeated = sorted({i for i in ids if ids.count(i) > 1})
     if repeated:
-        raise UsageError(f"--pairs: pair id {repeated[0]!r} occurs {ids.count(repeated[0])} times; accepted: unique pair ids")
+        raise ConfigError("pairs", f"pair id {repeated[0]!r} occurs {ids.count(repeated[0])} times; accepted: unique pair ids")
     decode = inspect.signature(model.generate).parameters["max_new_tokens"].default
     problems = []
     for pair in pairs:
@@ -181,7 +203,7 @@ def check_pairs(model: LatentModel, pairs: Sequence[Pair]) -> None:
         if problem:
             problems.append(f"pair {pair.id!r}: {problem}")
     if problems:
-        raise UsageError(f"--pairs: {len(problems)} of {len(pairs)} pairs cannot be patched on this model; first: {problems[0]}")
+        raise ConfigError("pairs", f"{len(problems)} of {len(pairs)} pairs cannot be patched on this model; first: {problems[0]}")
 
 
 def run_fingerprint(model: LatentModel, pairs: Sequence[Pair], config: SweepConfig) -> dict[str, Any]:
@@ -291,20 +313,50 @@ def pairs_per_call(model: LatentModel, units_per_pair: int) -> int:
     return max(1, min(MAX_GROUP_PAIRS, -(-rows // max(1, units_per_pair))))
 
 
-def _sweep(
+def sweep(
+    model: LatentModel,
+    pairs: Sequence[Pair],
+    config: SweepConfig | None = None,
+    *,
+    metrics: Sequence[Metric] | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+    executor: Any = None,
+    model_spec: Any = None,
+) -> pd.DataFrame:
+    """Run a sweep in memory: its rows (the schema of `interp.score.ResultRow`, one per patch test)
+    as a pandas DataFrame; `df.attrs["validity"]` holds one validity report per pair.
+
+    The same checks, work and rows as `run_sweep`, without a run directory (nothing is written).
+    """
+    config = config or SweepConfig()
+    check_sweep(model, pairs, config)
+    torch.manual_seed(config.seed)
+    metrics = list(metrics) if metrics is not None else default_metrics(config.family)
+    rows: list[dict[str, Any]] = []
+    reports: list[dict[str, Any]] = []
+    for report, unit_rows_list in _work(model, pairs, config, set(), set(), progress, metrics, batch_size, executor, model_spec):
+        reports += [report] if report is not None else []
+        rows += [r for unit in unit_rows_list for r in unit]
+    df = pd.DataFrame(rows)
+    df.attrs["validity"] = reports
+    return df
+
+
+def _work(
     model: LatentModel,
     pairs: Sequence[Pair],
     config: SweepConfig,
-    run: Run,
+    done: Any,
+    checked: Any,
     progress: bool,
-    logger: Any,
     metrics: Sequence[Metric],
     batch_size: int | None,
     executor: Any,
     model_spec: Any,
-) -> dict[str, Any]:
-    """The units not yet on disk, run by `executor`, appended to `run` pair by pair by this process alone; then the summary."""
-    done, checked = run.results.keys, run.validity.keys
+):
+    """Yield (validity report or None, [rows per unit]) for every unit whose tests are not in `done`
+    (test ids), pair by pair as `executor` finishes them; validity is checked for pairs not in `checked`."""
     todo = units(config, len(pairs), model.cfg.n_layers, model.num_latents)
 
     def finished(u: Unit) -> bool:
@@ -320,15 +372,32 @@ def _sweep(
     executor = executor if executor is not None else LocalExecutor(model)
     per_call = pairs_per_call(model, len(todo) // max(1, len(pairs)))
     for _item, (report, unit_rows_list) in executor.map_units(model_spec, work, SweepWork(pairs, config, metrics, batch_size), batch_size=per_call):
+        if report is not None and not report["passed"]:
+            failed = [k for k, c in report["checks"].items() if not c["passed"]]
+            tqdm.write(f"VALIDITY CHECK FAILED for pair {report['pair_id']}: {', '.join(failed)}")
+        yield report, unit_rows_list
+        bar.update(sum(len(rows) for rows in unit_rows_list))
+    bar.close()
+
+
+def _sweep(
+    model: LatentModel,
+    pairs: Sequence[Pair],
+    config: SweepConfig,
+    run: Run,
+    progress: bool,
+    logger: Any,
+    metrics: Sequence[Metric],
+    batch_size: int | None,
+    executor: Any,
+    model_spec: Any,
+) -> dict[str, Any]:
+    """The units not yet on disk, appended to `run` pair by pair by this process alone; then the summary."""
+    for report, unit_rows_list in _work(model, pairs, config, run.results.keys, run.validity.keys, progress, metrics, batch_size, executor, model_spec):
         if report is not None:
             run.validity.append([report])
-            if not report["passed"]:
-                failed = [k for k, c in report["checks"].items() if not c["passed"]]
-                tqdm.write(f"VALIDITY CHECK FAILED for pair {report['pair_id']}: {', '.join(failed)}")
         for rows in unit_rows_list:  # each unit lands whole (the rows not yet on disk) or not at all
             run.results.append(rows)
             if logger is not None:
                 logger({f"{r['strategy']}/{r['kind']}/normalized_effect": r["normalized_effect"] for r in rows})
-            bar.update(len(rows))
-    bar.close()
     return summarize(read_jsonl(run.path / RESULTS), read_jsonl(run.path / VALIDITY), config)

@@ -66,7 +66,9 @@ def test_resume_refuses_other_config(model, tmp_path):
 
 
 def test_failed_validity_check_is_reported(model, tmp_path, monkeypatch, capsys):
-    import interp.sweep as sweep
+    import importlib
+
+    sweep = importlib.import_module("interp.sweep")  # the module: `interp.sweep` is also the in-memory sweep function
 
     real = sweep.trace_pair
 
@@ -114,3 +116,39 @@ def test_summary_no_difference_and_too_few_pairs():
     assert s["verdict"].startswith("No detectable difference")
     one = summarize(_rows({"parallel": [0.1], "iterative": [0.9]}), [], SweepConfig(bootstrap=200))
     assert "Too few pairs" in one["verdict"] and math.isnan(one["iterative_minus_parallel"][0]["ci_low"])
+
+
+def test_in_memory_sweep_has_run_sweeps_rows_and_writes_nothing(model, tmp_path, monkeypatch):
+    import pandas as pd
+
+    import interp
+
+    pairs = arithmetic_pairs(2, seed=1)
+    config = SweepConfig(kinds=("single", "all"), layers=(0, 2), bootstrap=50)
+    monkeypatch.chdir(tmp_path)
+    df = interp.sweep(model, pairs, config, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    run_sweep(model, pairs, tmp_path / "run", config, progress=False)
+    on_disk = pd.DataFrame(read_jsonl(tmp_path / "run" / "results.jsonl"))
+    assert len(df) == len(on_disk) == 2 * 2 * (model.num_latents + 1) * 3
+    key = ["test_id"]
+    a, b = df.sort_values(key).reset_index(drop=True), on_disk.sort_values(key).reset_index(drop=True)
+    assert list(a.columns) == list(b.columns)
+    for column in a.columns:
+        if a[column].dtype.kind == "f":
+            np.testing.assert_allclose(a[column], b[column], rtol=0, atol=1e-6, equal_nan=True)
+        else:
+            assert a[column].tolist() == b[column].tolist(), column
+    assert [v["pair_id"] for v in df.attrs["validity"]] == [p.id for p in pairs] and all(v["passed"] for v in df.attrs["validity"])
+
+
+def test_library_errors_name_sweep_config_fields(model):
+    import interp
+    from interp.sweep import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^SweepConfig\.layers 0,0: 0 is listed twice; give each once$"):
+        interp.sweep(model, arithmetic_pairs(1), SweepConfig(layers=(0, 0)))
+    with pytest.raises(ConfigError, match=r"^SweepConfig\.strategies parallel,sideways: 'sideways' is not valid"):
+        interp.sweep(model, arithmetic_pairs(1), SweepConfig(strategies=("parallel", "sideways")))
+    with pytest.raises(ConfigError, match=r"^pairs: no pairs"):
+        interp.sweep(model, [], SweepConfig())
