@@ -312,7 +312,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
         args.n = min(args.n, 60)
         print(f"--quick: {args.n} problems, knockout at all layers at once only")
     pairs, meta = build_pairs(args, model)
-    data = analyze(model, problems_from_pairs(pairs), args.out, quick=args.quick, provenance={**model_provenance(args), "pairs_meta": meta})
+    data = analyze(model, problems_from_pairs(pairs), args.out, quick=args.quick, provenance={**model_provenance(args), "pairs_meta": meta}, force_new=args.force_new)
     print(f"analysis: {Path(args.out) / 'analysis.json'} ({', '.join(f'{k} {len(v)} rows' for k, v in data.items() if isinstance(v, list))})")
     print(f"report: {Path(args.out) / 'report.html'}")
 
@@ -461,7 +461,8 @@ def parser() -> argparse.ArgumentParser:
     add_pair_source_args(p, n=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="at most 60 problems; knockout at all layers at once only")
-    p.add_argument("--out", required=True, help="output directory (resumes if it holds a finished analysis of the same problems)")
+    p.add_argument("--out", required=True, help="output directory (resumes an analysis of the same model, problems and options; refuses another)")
+    p.add_argument("--force-new", action="store_true", help="wipe an earlier analysis in --out and start over")
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("train", help="train a CODI model (preset 'embedded' rebuilds the shipped model)")

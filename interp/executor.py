@@ -81,6 +81,18 @@ class ModelSpec:
         return load_model(self.checkpoint, self.base, num_latents=self.num_latents, revision=self.revision, base_revision=self.base_revision, dtype=dtype, device=device, **options)
 
 
+def check_same_model(expected: dict[str, Any] | None, got: dict[str, Any], who: str) -> None:
+    """Refuse a worker's model whose fingerprint (`interp.runio.model_fingerprint`) differs from the
+    driver's in anything but the device type: RunError naming the fields."""
+    from interp.runio import RunError, fingerprint_diff
+
+    if expected is None:
+        return
+    diff = fingerprint_diff({**expected, "device_type": None}, {**got, "device_type": None})
+    if diff:
+        raise RunError(f"{who} loaded another model than this process, differing in {', '.join(diff)}; give the workers the same checkpoint, base and options (ModelSpec) as the model of the run")
+
+
 def batches(units: Sequence[U], batch_size: int) -> list[list[U]]:
     """`units` in order, cut into consecutive batches of up to `batch_size`."""
     if batch_size < 1:
@@ -102,11 +114,17 @@ class LocalExecutor(Generic[U]):
     def __init__(self, model: LatentModel | None = None):
         self.model = model
 
-    def map_units(self, model_spec: ModelSpec, units: Sequence[U], work_fn: WorkFn, *, batch_size: int = 1) -> Iterator[tuple[U, Rows]]:
+    def map_units(self, model_spec: ModelSpec, units: Sequence[U], work_fn: WorkFn, *, batch_size: int = 1, fingerprint: dict[str, Any] | None = None) -> Iterator[tuple[U, Rows]]:
+        """`work_fn` on each batch; a model loaded from `model_spec` must have `fingerprint` (when given)."""
+        from interp.runio import model_fingerprint
+
         work = batches(units, batch_size)
         if not work:
             return
-        model = self.model if self.model is not None else model_spec.load()
+        model = self.model
+        if model is None:
+            model = model_spec.load()
+            check_same_model(fingerprint, model_fingerprint(model), "the model loaded from model_spec")
         for batch in work:
             yield from zip(batch, _run_batch(work_fn, model, batch))
 
@@ -121,6 +139,11 @@ class _Worker:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def fingerprint(self) -> dict[str, Any]:
+        from interp.runio import model_fingerprint
+
+        return model_fingerprint(self.model)
 
     def run(self, batch: list) -> list[Rows]:
         return _run_batch(self.work_fn, self.model, batch)
@@ -176,7 +199,8 @@ class RayExecutor(Generic[U]):
             raise ValueError(f"model_spec.device is {spec.device!r} but the workers have no GPU (num_gpus=0); use device 'auto' or 'cpu'")
         return self._actor_cls.remote(spec, work_fn_ref, self.cpus_per_worker)
 
-    def map_units(self, model_spec: ModelSpec, units: Sequence[U], work_fn: WorkFn, *, batch_size: int = 1) -> Iterator[tuple[U, Rows]]:
+    def map_units(self, model_spec: ModelSpec, units: Sequence[U], work_fn: WorkFn, *, batch_size: int = 1, fingerprint: dict[str, Any] | None = None) -> Iterator[tuple[U, Rows]]:
+        """`work_fn` on each batch, on the actors; every actor's model must have `fingerprint` (when given)."""
         from ray.exceptions import ActorUnavailableError, RayActorError
 
         ray = self.ray
@@ -185,7 +209,17 @@ class RayExecutor(Generic[U]):
             return
         work_fn_ref = ray.put(work_fn)
         actors = [self._spawn(model_spec, work_fn_ref) for _ in range(min(self.workers, len(queue)))]
-        ray.get([a.pid.remote() for a in actors])  # a model that fails to load fails here, once
+
+        def check(new: list[Any]) -> None:  # a model that fails to load fails here, once; one that differs is refused
+            for actor, got in zip(new, ray.get([a.fingerprint.remote() for a in new])):
+                check_same_model(fingerprint, got, f"Ray worker {ray.get(actor.pid.remote())}")
+
+        try:
+            check(actors)
+        except BaseException:
+            for actor in actors:
+                ray.kill(actor, no_restart=True)
+            raise
         generation = [0] * len(actors)  # bumped when a slot's actor is replaced
         load = [0] * len(actors)  # batches in flight on each slot's current actor
         pending: dict[Any, tuple[int, int, int, list[U]]] = {}  # ref -> (slot, generation, batch index, batch)
@@ -216,6 +250,7 @@ class RayExecutor(Generic[U]):
                     if current:  # the first failure seen from this actor: a fresh one takes its slot
                         ray.kill(actors[slot], no_restart=True)
                         actors[slot] = self._spawn(model_spec, work_fn_ref)
+                        check([actors[slot]])
                         generation[slot] += 1
                         load[slot] = 0
                         self.restarts += 1

@@ -48,7 +48,8 @@ from filelock import FileLock, Timeout
 RUN_JSON, RESULTS, VALIDITY, SUMMARY = "run.json", "results.jsonl", "validity.jsonl", "summary.json"
 LOCK, PID = "run.lock", "run.pid"
 #: the files a run owns: `force_new` removes exactly these (and their temporary files), nothing else
-RUN_FILES = (RESULTS, VALIDITY, SUMMARY, RUN_JSON, "report.html")
+ANALYSIS = "analysis.json"  # an analysis run's results (interp.analysis.run)
+RUN_FILES = (RESULTS, VALIDITY, SUMMARY, ANALYSIS, RUN_JSON, "report.html")
 FORMAT_VERSION = 2
 HASH_CHUNK = 1 << 22
 
@@ -394,9 +395,10 @@ class Run:
     results: JsonlAppender
     validity: JsonlAppender
 
-    def finish(self, summary: dict[str, Any]) -> None:
-        """Write summary.json, then run.json with its finish time."""
-        atomic_write_json(self.path / SUMMARY, summary)
+    def finish(self, summary: dict[str, Any] | None) -> None:
+        """Write summary.json (when given), then run.json with its finish time."""
+        if summary is not None:
+            atomic_write_json(self.path / SUMMARY, summary)
         self.info["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         atomic_write_json(self.path / RUN_JSON, self.info)
 
@@ -456,7 +458,7 @@ def open_run(out: str | Path, fingerprint: dict[str, Any], info: dict[str, Any],
             if diff:
                 raise UsageError(f"--out {out} holds another experiment, differing in {', '.join(diff)}; pass --force-new to start over or choose another --out")
             started = previous.get("started", started)
-        elif (out / RESULTS).exists() or (out / VALIDITY).exists():
+        elif any((out / name).exists() for name in (RESULTS, VALIDITY, ANALYSIS)):
             raise UsageError(f"--out {out}: holds results but no run.json; pass --force-new to start over or choose another --out")
         run_info = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint, **info, "started": started}
         atomic_write_json(run_path, run_info)

@@ -371,7 +371,8 @@ def _work(
     bar = tqdm(total=len(todo) * len(config.strategies), initial=(len(todo) - len(remaining)) * len(config.strategies), desc="patch tests", disable=not progress)
     executor = executor if executor is not None else LocalExecutor(model)
     per_call = pairs_per_call(model, len(todo) // max(1, len(pairs)))
-    for _item, (report, unit_rows_list) in executor.map_units(model_spec, work, SweepWork(pairs, config, metrics, batch_size), batch_size=per_call):
+    work_fn = SweepWork(pairs, config, metrics, batch_size)
+    for _item, (report, unit_rows_list) in executor.map_units(model_spec, work, work_fn, batch_size=per_call, fingerprint=model_fingerprint(model)):
         if report is not None and not report["passed"]:
             failed = [k for k, c in report["checks"].items() if not c["passed"]]
             tqdm.write(f"VALIDITY CHECK FAILED for pair {report['pair_id']}: {', '.join(failed)}")

@@ -12,6 +12,10 @@ Positions and keys are named as `Trace.position_names` names them (`bot`, `laten
 `answer` = the last prefix token; `question` = every question token, summed). Targets: `step[k]`
 (k from 1) and `answer`. The file is rewritten atomically after each analysis; a rerun with the
 same problems and options skips the analyses it holds.
+
+The directory is a run directory (`interp.runio.open_run`, as for sweeps): `run.json` holds the
+fingerprint (the model's content and loading options, the problems, the options, versions),
+compared field by field on resume, and a lock admits one writer; `force_new` starts over.
 """
 
 from __future__ import annotations
@@ -32,11 +36,9 @@ from interp.analysis.figures import attention_heatmap, knockout_heatmap, lens_he
 from interp.analysis.lens import logit_lens
 from interp.analysis.probes import probe_rows
 from interp.model import LatentModel
-from interp.runio import atomic_write_json
+from interp.runio import ANALYSIS, atomic_write_json, finite, model_fingerprint, open_run, versions
 
 ANALYSES = ("lens", "probes", "attention", "knockout")
-#: meta fields a resumed run must share with the file it resumes
-IDENTITY = ("problems", "problems_sha256", "quick", "n_layers", "num_latents")
 
 DEFINITIONS = {
     "layer": "the residual stream read out: <code>embed</code> = the input embedding (<code>blocks.0.hook_resid_pre</code>; "
@@ -77,12 +79,12 @@ def analyze(
     provenance: dict[str, Any] | None = None,
     batch_size: int = 64,
     log=print,
+    force_new: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) every analysis into `out_dir/analysis.json`, write `out_dir/report.html`;
-    returns the analysis dict. `quick`: knockout at all layers at once only (not layer by layer)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "analysis.json"
+    returns the analysis dict. `quick`: knockout at all layers at once only (not layer by layer).
+    A directory holding another model's, problems' or options' analysis is refused (UsageError
+    naming the differing fields) unless `force_new`, which wipes it first."""
     meta = {
         "problems": len(problems),
         "problems_sha256": problems_fingerprint(problems),
@@ -91,20 +93,27 @@ def analyze(
         "num_latents": model.num_latents,
         "provenance": provenance or {},
     }
-    data = _read(path) or {"meta": meta}
-    if any(data["meta"].get(k) != meta[k] for k in IDENTITY):
-        raise ValueError(f"{path} holds an analysis of other problems or options; choose another --out or delete it")
-    todo = [a for a in ANALYSES if a not in data]
-    if todo:
-        log(f"analyses to run: {', '.join(todo)} on {len(problems)} problems" + (f" (done: {', '.join(a for a in ANALYSES if a in data)})" if len(todo) < len(ANALYSES) else ""))
-        acts = collect(model, problems, batch_size)
-        data["meta"]["accuracy"] = sum(acts.correct) / len(problems)
-        for name in todo:
-            start = time.perf_counter()
-            data.update(_run_one(name, model, acts, quick, batch_size))
-            atomic_write_json(path, data)
-            log(f"{name}: done ({time.perf_counter() - start:.1f} s)")
-    write_analysis_report(out)
+    fingerprint = {
+        "model": model_fingerprint(model),
+        "problems": {"n": len(problems), "sha256": meta["problems_sha256"]},
+        "options": {"quick": quick},
+        "versions": versions(),
+    }
+    with open_run(out_dir, fingerprint, {"analysis": ANALYSES, "provenance": finite(provenance or {})}, force_new=force_new) as run:
+        path = run.path / ANALYSIS
+        data = _read(path) or {"meta": meta}
+        todo = [a for a in ANALYSES if a not in data]
+        if todo:
+            log(f"analyses to run: {', '.join(todo)} on {len(problems)} problems" + (f" (done: {', '.join(a for a in ANALYSES if a in data)})" if len(todo) < len(ANALYSES) else ""))
+            acts = collect(model, problems, batch_size)
+            data["meta"]["accuracy"] = sum(acts.correct) / len(problems)
+            for name in todo:
+                start = time.perf_counter()
+                data.update(_run_one(name, model, acts, quick, batch_size))
+                atomic_write_json(path, data)
+                log(f"{name}: done ({time.perf_counter() - start:.1f} s)")
+        write_analysis_report(run.path)
+        run.finish(None)
     return data
 
 

@@ -166,5 +166,28 @@ def test_analyze_writes_every_list_and_resumes(model, tmp_path):
     analyze(model, problems, tmp_path, quick=True, log=logged.append)
     assert logged == []  # nothing left to run
     assert data["lens"] == saved["lens"]
-    with pytest.raises(ValueError, match="other problems"):
+    with pytest.raises(ValueError, match=r"holds another experiment, differing in problems\.n \(12 -> 5\)"):
         analyze(model, problems[:5], tmp_path, quick=True, log=lambda s: None)
+
+
+def test_resuming_with_another_checkpoint_of_the_same_shape_is_refused(model, tmp_path):
+    """The run directory's fingerprint holds the model's content: a second checkpoint of the same
+    shape (the embedded weights, one tensor changed) may not adopt the first one's results."""
+    from interp import load_codi
+    from interp.loading import EMBEDDED_DIR, read_state_dict
+    from interp.runio import UsageError
+
+    problems = problems_from_pairs(arithmetic_pairs(8))
+    analyze(model, problems, tmp_path / "a", quick=True, log=lambda s: None)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir() if p.is_file()}
+    state = read_state_dict(EMBEDDED_DIR / "model.safetensors")
+    state["prj.ln.bias"] = state["prj.ln.bias"] + 0.01
+    other_file = tmp_path / "other" / "pytorch_model.bin"
+    other_file.parent.mkdir()
+    torch.save(state, other_file)
+    other = load_codi(other_file, EMBEDDED_DIR / "base", num_latents=model.num_latents, answer_prefix=model.answer_prefix, device="cpu")
+    with pytest.raises(UsageError, match=r"holds another experiment, differing in model\.checkpoint"):
+        analyze(other, problems, tmp_path / "a", quick=True, log=lambda s: None)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir() if p.is_file()} == before
+    data = analyze(other, problems, tmp_path / "a", quick=True, log=lambda s: None, force_new=True)
+    assert data["meta"]["problems"] == len(problems)

@@ -162,3 +162,29 @@ def test_sweep_on_ray_equals_the_single_process_sweep_even_when_a_worker_dies(lo
                 assert abs(row[key] - value) <= 1e-5 * max(1.0, abs(value)), (row["test_id"], key)
             elif not isinstance(value, (float, list)):
                 assert row[key] == value, (row["test_id"], key)
+
+
+@pytest.fixture(scope="module")
+def other_spec(tmp_path_factory):
+    """A ModelSpec of a checkpoint of the embedded model's shape whose weights differ (one bias)."""
+    import torch
+
+    from interp.loading import EMBEDDED_DIR, read_state_dict
+
+    state = read_state_dict(EMBEDDED_DIR / "model.safetensors")
+    state["prj.ln.bias"] = state["prj.ln.bias"] + 0.01
+    path = tmp_path_factory.mktemp("other") / "pytorch_model.bin"
+    torch.save(state, path)
+    return ModelSpec(str(path), str(EMBEDDED_DIR / "base"), device="cpu")
+
+
+def test_a_model_that_differs_from_the_drivers_is_refused(local_ray, other_spec):
+    import interp
+    from interp.runio import RunError, model_fingerprint
+
+    expected = model_fingerprint(interp.load_default())
+    with pytest.raises(RunError, match=r"the model loaded from model_spec loaded another model than this process, differing in checkpoint\."):
+        list(LocalExecutor().map_units(other_spec, UNITS, Latents(), fingerprint=expected))
+    with pytest.raises(RunError, match=r"^Ray worker \d+ loaded another model than this process, differing in checkpoint\."):
+        list(RayExecutor(workers=1).map_units(other_spec, UNITS, Latents(), fingerprint=expected))
+    assert len(list(RayExecutor(workers=1).map_units(SPEC, UNITS[:2], Latents(), fingerprint=expected))) == 2  # the same model passes
