@@ -23,8 +23,28 @@ from torch import Tensor
 from transformer_lens import ActivationCache
 
 from interp.engine import PatchResult, Site
-from interp.interventions import Clean, Intervention
+from interp.interventions import Add, Clean, Custom, Intervention, Mean, Zero
 from interp.model import Generation, LatentModel, Trace
+
+
+def written(intervention: Intervention, act: Tensor, clean: Trace, hook: str, position: int, head: int | None) -> Tensor:
+    """What `intervention` writes over `act` (one position's activation, [*site_shape]), spelled out
+    here from each intervention's definition rather than through its own `source`/`apply` code."""
+    index = (0, position) if head is None else (0, position, head)
+    if isinstance(intervention, Clean):
+        return clean.cache[hook][index].to(act)
+    if isinstance(intervention, Zero):
+        return torch.zeros_like(act)
+    if isinstance(intervention, Add):
+        return act + intervention.scale * intervention.vector.to(act)
+    if isinstance(intervention, Mean):  # the mean over the traces at the same named position
+        name = clean.layout.name(position)
+        values = [t.cache[hook][0, t.layout.position(name)].double() for t in intervention.traces]
+        mean = sum(values) / len(values)
+        return (mean if head is None else mean[head]).to(act)
+    if isinstance(intervention, Custom):
+        return intervention.fn(act[None], clean.cache[hook][index].to(act)[None])[0]
+    raise TypeError(f"the naive specification does not know {type(intervention).__name__}")
 
 
 def site_hooks(sites: Sequence[Site], clean: Trace, intervention: Intervention, only: int | None = None) -> list:
@@ -34,14 +54,13 @@ def site_hooks(sites: Sequence[Site], clean: Trace, intervention: Intervention, 
         positions = [p for p in site.positions if only is None or p == only]
         if not positions:
             continue
-        sources = torch.stack([intervention.source(clean, site.hook, p, site.head) for p in positions])
 
-        def write(act: Tensor, hook, positions=positions, sources=sources, head=site.head) -> Tensor:
+        def write(act: Tensor, hook, positions=positions, site=site) -> Tensor:
             act = act.clone()
-            present = [i for i, p in enumerate(positions) if p < act.shape[1]]
-            for i in present:
-                index = (0, positions[i]) if head is None else (0, positions[i], head)
-                act[index] = intervention.apply(act[index][None], sources[i][None].to(act.device))[0]
+            for p in positions:
+                if p < act.shape[1]:
+                    index = (0, p) if site.head is None else (0, p, site.head)
+                    act[index] = written(intervention, act[index], clean, site.hook, p, site.head)
             return act
 
         hooks.append((site.hook, write))
