@@ -1,4 +1,4 @@
-"""Peer baselines for `interp bench`: the same patch tests written without `interp`.
+"""Peer baselines for `python -m benchmarks.bench`: the same patch tests written without `interp`.
 
 `nnsight_patch` is how a researcher who does not use `interp` would patch CODI with nnsight
 (https://nnsight.net, 0.8 API) on the plain transformers + peft model:

@@ -1,4 +1,4 @@
-"""`interp bench` (needs a source checkout: benchmarks/ is not installed): the patching engine against a naive patcher, same sweep, same process.
+"""`python -m benchmarks.bench` (from a source checkout: benchmarks/ is not installed with the package): the patching engine against a naive patcher, same sweep, same process.
 
 The naive patcher (`benchmarks.naive.naive_patch`) is how a first study would patch CODI: every test is its own set
 of full forward passes over the whole sequence, without a KV cache: iterative patching recomputes
@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from benchmarks.baselines import nnsight_patch
+from benchmarks.models import MODELS, bench_pairs, build_model
 from benchmarks.naive import naive_patch
 from interp.engine import STRATEGIES, Job, layer_of
 from interp.model import LatentModel, fast_layout
@@ -51,7 +52,6 @@ from interp.patching import latent_sites, patch_sites
 from interp.plan import Unit, batch_order, latent_sets
 from interp.score import default_metrics, unit_rows
 from interp.sweep import SweepConfig, sweep_patcher
-from interp.testing import MODELS, bench_pairs, build_model
 from interp.trace import trace_pair
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -271,7 +271,7 @@ def peak_memory(device: torch.device) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="interp bench", description="The fast patching engine against a naive patcher: same sweep, same results, tests/s.")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench", description="The fast patching engine against a naive patcher: same sweep, same results, tests/s.")
     p.add_argument("--model", choices=MODELS, default="embedded")
     p.add_argument("--checkpoint", default=None, help="a CODI checkpoint to bench instead of --model (with --base)")
     p.add_argument("--base", default=None, help="local base model directory (config + tokenizer) for --checkpoint")
@@ -315,8 +315,8 @@ def bench_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         model = load_codi(args.checkpoint, args.base, dtype=dtype, device=device)
         args.model = f"checkpoint {args.checkpoint}"
     elif args.model == "smollm2":  # the checkpoint's state and HF model also build the nnsight peer
+        from benchmarks.models import smollm2_checkpoint
         from interp.loading import load_codi
-        from interp.testing import smollm2_checkpoint
 
         state, hf, tokenizer = smollm2_checkpoint()
         model = load_codi(state, (hf, tokenizer), dtype=dtype, device=device)

@@ -2,7 +2,7 @@
 
 Every step is a full forward pass over the whole sequence so far, without a KV cache, with the
 intervention written by a plain hook. Slow and obviously correct: the tests compare the engine
-(`interp.engine`) against it, and `interp bench` times the engine against it.
+(`interp.engine`) against it, and `python -m benchmarks.bench` times the engine against it.
 
 - parallel: fed latents held at the corrupted run's; one pass with every site written.
 - iterative: latent t+1 = prj(final state at latent t) of a full pass over [prompt, latents <= t]

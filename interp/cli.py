@@ -1,4 +1,4 @@
-"""`interp generate | pairs | patch | run | report | analyze | train | bench`: thin commands over the package."""
+"""`interp generate | pairs | patch | run | report | analyze | train`: thin commands over the package (the benchmarks are `python -m benchmarks.bench` in a source checkout)."""
 
 from __future__ import annotations
 
@@ -317,17 +317,6 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     print(f"report: {Path(args.out) / 'report.html'}")
 
 
-def cmd_bench(args: argparse.Namespace) -> None:
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "benchmarks" / "bench.py").is_file():
-        raise SystemExit("error: interp bench runs from a source checkout of interp (benchmarks/ is not installed with the package)")
-    sys.path.insert(0, str(root))
-    from benchmarks.bench import bench_main
-
-    rest = args.bench_args
-    bench_main(rest[1:] if rest[:1] == ["--"] else rest)
-
-
 def cmd_train(args: argparse.Namespace) -> None:
     from interp.train import cli_train
 
@@ -471,16 +460,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("bench", add_help=False, help="the engine vs baselines: same sweep, same results, tests/s (source checkout; interp bench --help)")
-    p.add_argument("bench_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_bench)
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:  # its own parser (benchmarks/bench.py), options passed through untouched
-        argv = ["bench", "--", *argv[1:]]
     args = parser().parse_args(argv)
     try:
         if hasattr(args, "num_latents"):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import html
 import json
+import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,9 @@ from interp.engine import STRATEGIES
 from interp.plots import MIN_CI_PAIRS, difference_heatmap, heatmap, layer_lines, load_results, similarity_heatmap, slot_heatmap
 from interp.runio import read_jsonl
 from interp.stats import METRICS
+
+#: browsers kaleido can drive, looked up on the PATH (Debian's `chromium` package included)
+BROWSERS = ("google-chrome", "chrome", "chromium", "chromium-browser")
 
 STYLE = """
 html { overflow-y: scroll; }
@@ -217,12 +222,15 @@ def write_report(run_dir: str | Path) -> Path:
 
 
 def export_pngs(run_dir: str | Path, width: int = 1200) -> list[Path]:
-    """PNGs of the report's figures in `run_dir/png/` with kaleido (needs Chrome/Chromium).
-
-    When no static exporter works (kaleido not installed, no browser found), warn in one line and
-    return [].
+    """PNGs of the report's figures in `run_dir/png/` with kaleido and a Chrome or Chromium on the PATH
+    (or at BROWSER_PATH). Without a browser, or when the exporter fails, warn in one line and return [].
     """
     run_dir = Path(run_dir)
+    browser = os.environ.get("BROWSER_PATH") or next(filter(None, map(shutil.which, BROWSERS)), None)
+    if browser is None:
+        warnings.warn("PNG export skipped: it needs Chrome or Chromium (Debian: apt-get install chromium); report.html is complete without the PNGs", stacklevel=2)
+        return []
+    os.environ.setdefault("BROWSER_PATH", browser)  # kaleido's browser: Debian's chromium where Chrome is not installed
     figs = report_figures(load_results(run_dir), _read_json(run_dir / "run.json") or {})
     out = run_dir / "png"
     paths = [out / f"{name}.png" for name, _ in figs]
@@ -231,7 +239,7 @@ def export_pngs(run_dir: str | Path, width: int = 1200) -> list[Path]:
         pio.write_images([fig for _, fig in figs], paths, width=width, height=[fig.layout.height for _, fig in figs])
     except Exception as exc:  # any exporter failure: the PNGs are optional
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        warnings.warn(f"PNG export skipped ({type(exc).__name__}: {first}); install kaleido (pip install kaleido) and Chromium (apt-get install chromium)", stacklevel=2)
+        warnings.warn(f"PNG export skipped ({type(exc).__name__}: {first}); report.html is complete without the PNGs", stacklevel=2)
         return []
     return paths
 

@@ -12,8 +12,8 @@ import time
 
 import torch
 
+from benchmarks.models import bench_pairs, smollm2_codi
 from interp.sweep import MAX_GROUP_PAIRS, SweepConfig, run_sweep
-from interp.testing import bench_pairs, smollm2_codi
 from interp.trace import trace_pair
 
 

@@ -1,4 +1,4 @@
-"""`interp bench` on real SmolLM2 weights: the nnsight peer baseline agrees with the engine on every scored logit."""
+"""`python -m benchmarks.bench` on real SmolLM2 weights: the nnsight peer baseline agrees with the engine on every scored logit."""
 
 from __future__ import annotations
 

