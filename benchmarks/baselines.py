@@ -35,6 +35,8 @@ from nnsight import NNsight
 from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedModel
 
+from interp.layout import MAX_NEW_TOKENS  # the engine's decode bound: the same tests decode as far
+
 STRATEGIES = ("parallel", "iterative")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj")
 
@@ -161,7 +163,7 @@ class NnsightCodi:
         return ids
 
     @torch.no_grad()
-    def run(self, question_ids: Sequence[int], tail_ids: Sequence[int], *, max_new_tokens: int = 16) -> CodiRun:
+    def run(self, question_ids: Sequence[int], tail_ids: Sequence[int], *, max_new_tokens: int = MAX_NEW_TOKENS) -> CodiRun:
         """The unpatched CODI loop with every layer's output saved (the clean or corrupted run)."""
         cache = DynamicCache()
         outputs: list[list[Tensor]] = []
@@ -191,7 +193,7 @@ def nnsight_patch(
     layer: int,
     latents: Sequence[int],
     strategy: str,
-    max_new_tokens: int = 16,
+    max_new_tokens: int = MAX_NEW_TOKENS,
 ) -> CodiRun:
     """Patch the clean output of `model.layers[layer]` into the corrupted run at latent indices `latents`.
 

@@ -24,6 +24,7 @@ from transformer_lens import ActivationCache
 
 from interp.engine import PatchResult, Site
 from interp.interventions import Add, Clean, Custom, Intervention, Mean, Zero
+from interp.layout import MAX_NEW_TOKENS
 from interp.model import Generation, LatentModel, Trace
 
 
@@ -77,7 +78,7 @@ def naive_patch(
     *,
     intervention: Intervention | None = None,
     family: str | None = None,
-    max_new_tokens: int = 16,
+    max_new_tokens: int = MAX_NEW_TOKENS,
 ) -> PatchResult:
     """One patched run the naive way (see the module docstring); `family` captures that hook family."""
     intervention = intervention or Clean()

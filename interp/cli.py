@@ -11,6 +11,7 @@ from typing import NoReturn
 
 import torch
 
+from interp.layout import MAX_NEW_TOKENS
 from interp.runio import RunError, UsageError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -415,7 +416,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="run the latent loop on one question")
     add_model_args(p)
     p.add_argument("question")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
     p.add_argument("--top-k", type=int, default=3)
     p.set_defaults(func=cmd_generate)
 

@@ -50,6 +50,7 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from interp.hooks import HEAD_HOOKS, NOT_POSITIONAL, Hook
 from interp.interventions import Clean, Intervention, Zero
 from interp.kvcache import expand_cache, left_padded_cache
+from interp.layout import MAX_NEW_TOKENS
 from interp.model import Generation, LatentModel, Trace
 
 Strategy = Literal["parallel", "iterative", "feedback"]
@@ -333,7 +334,7 @@ class BatchPatcher:
         capture: str | None = None,
         capture_positions: Sequence[Sequence[int]] | None = None,
         batch_size: int | None = None,
-        max_new_tokens: int = 16,
+        max_new_tokens: int = MAX_NEW_TOKENS,
         decode: bool = True,
     ):
         if not pairs:

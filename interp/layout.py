@@ -16,6 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+#: the one default bound of every greedy decode after the layout's last position (generate, trace, the
+#: engine's patched runs): an answer such as `The answer is: 18` + eos is far shorter; the official CODI
+#: code allows 256, Coconut's 64 (GSM) or 128 (ProsQA): pass `max_new_tokens` for those
+MAX_NEW_TOKENS = 32
+
 
 @dataclass(frozen=True)
 class SequenceLayout:

@@ -40,7 +40,7 @@ from interp.data.align import answer_ids, answer_text
 from interp.family import CODI, Answer, Family
 from interp.hooks import Hook, bind_hooks
 from interp.kvcache import select_rows
-from interp.layout import SequenceLayout
+from interp.layout import MAX_NEW_TOKENS, SequenceLayout
 
 #: (chunk start column, chunk length) -> hooks for that chunk; lets a caller write at absolute positions.
 ChunkHooks = Callable[[int, int], Sequence[Hook]]
@@ -533,7 +533,7 @@ class LatentModel:
         return latents, kv_cache, offsets
 
     @torch.no_grad()
-    def generate_batch(self, questions: Sequence[str], max_new_tokens: int = 32, fwd_hooks: Sequence[Hook] = (), *, num_latents: int | None = None) -> list[Generation]:
+    def generate_batch(self, questions: Sequence[str], max_new_tokens: int = MAX_NEW_TOKENS, fwd_hooks: Sequence[Hook] = (), *, num_latents: int | None = None) -> list[Generation]:
         """The official evaluation loop for many questions at once (left padding, KV cache).
 
         Results equal `generate` on each question alone; hooks made with `interp.at_positions`
@@ -554,7 +554,7 @@ class LatentModel:
             result.append(Generation(ids, lat, ans, text, self.extract_answer(text)))
         return result
 
-    def generate(self, question: str, max_new_tokens: int = 32, fwd_hooks: Sequence[Hook] = (), *, num_latents: int | None = None) -> Generation:
+    def generate(self, question: str, max_new_tokens: int = MAX_NEW_TOKENS, fwd_hooks: Sequence[Hook] = (), *, num_latents: int | None = None) -> Generation:
         """Greedy generation for one question, with `fwd_hooks` active in every pass (`num_latents`: as `generate_batch`)."""
         return self.generate_batch([question], max_new_tokens=max_new_tokens, fwd_hooks=fwd_hooks, num_latents=num_latents)[0]
 
@@ -580,7 +580,7 @@ class LatentModel:
         self,
         question: str,
         answer: float | str | Tensor | None = None,
-        max_new_tokens: int = 32,
+        max_new_tokens: int = MAX_NEW_TOKENS,
         *,
         fwd_hooks: Sequence[Hook] = (),
         names_filter: Callable[[str], bool] | Sequence[str] | str | None = None,

@@ -27,6 +27,7 @@ from interp.engine import (
 )
 from interp.hooks import hook_name
 from interp.interventions import Intervention, as_intervention
+from interp.layout import MAX_NEW_TOKENS
 from interp.model import LatentModel, Trace
 
 __all__ = ["STRATEGIES", "PatchError", "PatchResult", "Site", "Strategy", "check_aligned", "check_hook", "latent_sites", "layer_of", "patch", "patch_sites"]
@@ -62,7 +63,7 @@ def patch_sites(
     intervention: Intervention | Callable | None = None,
     with_cache: bool = True,
     decode: bool = True,
-    max_new_tokens: int = 16,
+    max_new_tokens: int = MAX_NEW_TOKENS,
 ) -> PatchResult:
     """Run the corrupted trace with `intervention` at `sites`, by `strategy` (a batch of one)."""
     job = Job(tuple(sites), strategy, intervention=as_intervention(intervention))

@@ -29,6 +29,7 @@ from interp.model import Generation, LatentModel, Trace
 from interp.patching import STRATEGIES
 from interp.runio import read_jsonl, unique_rows
 from interp.stats import METRICS, cell_stats
+from interp.stats import paired_differences as stats_paired_differences
 
 SIMILARITIES = ("sim_cos", "sim_rel_l2", "par_cos", "par_rel_l2")
 #: ranges a metric's colour scale always covers (None: the data decides that end)
@@ -209,14 +210,12 @@ def heatmap(df: pd.DataFrame, metric: str = "normalized_effect", strategy: str |
 def paired_differences(df: pd.DataFrame, metric: str = "normalized_effect", kind: str = "single") -> pd.DataFrame:
     """Iterative minus parallel per pair and cell: columns pair_id, layer, column, diff."""
     rows = select(df, kind)
-    rows["latents_key"] = rows["latents"].map(tuple)
-    keys = ["pair_id", "layer", "latents_key", "column"]
-    by = {s: rows[rows["strategy"] == s].set_index(keys)[metric].astype(float) for s in ("iterative", "parallel")}
-    if by["iterative"].empty or by["parallel"].empty:
+    if not {"iterative", "parallel"} <= set(rows["strategy"]):
         raise ValueError(f"{kind} tests need both strategies for a difference; the results have {sorted(rows['strategy'].unique())}")
-    joined = pd.concat({"iterative": by["iterative"], "parallel": by["parallel"]}, axis=1, join="inner")
-    out = (joined["iterative"] - joined["parallel"]).rename("diff").reset_index()
-    return out.drop(columns="latents_key")
+    rows["latents"] = rows["latents"].map(tuple)
+    out = stats_paired_differences(rows, "iterative", "parallel", metric)
+    out["column"] = [column_of(kind, lat) for lat in out["latents"]]
+    return out[["pair_id", "layer", "column", "diff"]]
 
 
 def difference_heatmap(df: pd.DataFrame, metric: str = "normalized_effect", kind: str = "single", *, n_resamples: int = N_RESAMPLES, seed: int = 0) -> go.Figure:
@@ -377,15 +376,12 @@ def layer_lines(df: pd.DataFrame, metric: str = "normalized_effect", kind: str =
 # ----------------------------------------------------------------------------- latent decoding
 
 
-@torch.no_grad()
 def logit_lens(model: LatentModel, trace: Trace) -> list[list[str]]:
-    """Top token [layer][latent t] of `unembed(ln_final(resid_post))` at each latent position (ids < eot)."""
-    out = []
-    for layer in range(model.cfg.n_layers):
-        resid = trace.cache[f"blocks.{layer}.hook_resid_post"]
-        logits = model.model.unembed(model.model.ln_final(resid))[0, trace.latent_positions, : model.decode_vocab]
-        out.append([model.tokenizer.decode([int(i)]) for i in logits.argmax(-1)])
-    return out
+    """Top token [layer][latent t] of `interp.analysis.lens.lens_logits` (unembed(ln_final(resid_post)), ids < decode_vocab) at each latent position."""
+    from interp.analysis.lens import lens_logits
+
+    resid = torch.stack([trace.cache[f"blocks.{layer}.hook_resid_post"][0, trace.latent_positions] for layer in range(model.cfg.n_layers)])
+    return [[model.tokenizer.decode([int(i)]) for i in row] for row in lens_logits(model, resid).argmax(-1)]
 
 
 def slot_heatmap(df: pd.DataFrame, metric: str = "normalized_effect", kind: str = "single", layer: int | None = None, *, n_resamples: int = N_RESAMPLES, seed: int = 0) -> go.Figure:

@@ -24,7 +24,7 @@ from plotly.offline import get_plotlyjs
 
 from interp.engine import STRATEGIES
 from interp.plots import MIN_CI_PAIRS, difference_heatmap, heatmap, layer_lines, load_results, similarity_heatmap, slot_heatmap
-from interp.runio import read_jsonl
+from interp.runio import flatten, read_jsonl
 from interp.stats import METRICS
 
 #: browsers kaleido can drive, looked up on the PATH (Debian's `chromium` package included)
@@ -140,19 +140,9 @@ def _value(v: Any) -> str:
     return html.escape(v if isinstance(v, str) else json.dumps(v))
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    out = []
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out += _flatten(v, f"{prefix}{k}.")
-        else:
-            out.append((f"{prefix}{k}", v))
-    return out
-
-
 def config_table(run: dict[str, Any]) -> str:
     """run.json as a key/value table (nested keys dotted, long lists shortened)."""
-    rows = "".join(f"<tr><td>{html.escape(k)}</td><td><code>{_value(v)}</code></td></tr>" for k, v in _flatten(run))
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td><code>{_value(v)}</code></td></tr>" for k, v in flatten(run).items())
     return f'<table class="kv">{rows}</table>'
 
 

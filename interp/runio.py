@@ -347,9 +347,10 @@ def pairs_sha256(pairs: Sequence[Any]) -> str:
     return hashlib.sha256(dumps([p.to_dict() for p in pairs], sort_keys=True).encode()).hexdigest()
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as {dotted key: leaf} (an empty dict is a leaf)."""
     if isinstance(d, dict) and d:
-        return {k: v for key, value in d.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+        return {k: v for key, value in d.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
     return {prefix.rstrip("."): d}
 
 
@@ -360,7 +361,7 @@ def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         s = json.dumps(v)
         return s if len(s) <= 24 else s[:10] + "…" + s[-6:]
 
-    a, b = _flatten(old), _flatten(new)
+    a, b = flatten(old), flatten(new)
     return [f"{k} ({short(a.get(k))} -> {short(b.get(k))})" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 

@@ -70,10 +70,6 @@ def layer_hook(layer: int) -> str:
     return "blocks.0.hook_resid_pre" if layer == EMBED_LAYER else f"blocks.{layer}.hook_resid_post"
 
 
-def layer_name(layer: int) -> str:
-    return "embed" if layer == EMBED_LAYER else str(layer)
-
-
 @dataclass
 class Activations:
     """What `collect` kept, for n problems.

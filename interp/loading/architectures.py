@@ -3,8 +3,7 @@
 An `Architecture` says which HF class names the checkpoint's keys, which TransformerLens conversion
 turns the merged HF weights into a `HookedTransformer` state dict, which modules the official CODI
 code wraps with LoRA (and whether they are GPT-2's `Conv1D`, whose weight is stored [in, out] so the
-merged LoRA delta is transposed), how positions are encoded, and whether the official tokenizer
-prepends BOS to the question. `hooked_config` builds the `HookedTransformerConfig` from the HF config
+merged LoRA delta is transposed), and its input embedding's key. `hooked_config` builds the `HookedTransformerConfig` from the HF config
 by hand (vocabulary + 3 for pad, bot, eot): TransformerLens's own table fixes the vocabulary size by
 model name and so cannot describe a CODI model.
 
@@ -16,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from transformer_lens import HookedTransformerConfig
@@ -48,8 +47,6 @@ class Architecture:
     converter: TransformerLens's weight conversion (HF model -> HookedTransformer state dict).
     lora_targets: the module names the official CODI code wraps with LoRA for this architecture.
     conv1d: the LoRA targets are `Conv1D` (weight [in, out], peft's fan_in_fan_out): delta (B @ A).T.
-    positions: "rotary" (applied inside attention) or "learned" (`W_pos`, added by `LatentModel.forward`).
-    bos: the official tokenizer prepends BOS to the question (the official loop calls tokenizer(question)).
     embed_key: the input embedding's key (rows: base vocabulary + 3).
     constant_buffers: key suffixes of non-weight buffers that older saves include (ignored).
     """
@@ -59,8 +56,6 @@ class Architecture:
     converter: Callable[[Any, HookedTransformerConfig], dict[str, torch.Tensor]]
     lora_targets: tuple[str, ...]
     conv1d: bool
-    positions: Literal["rotary", "learned"]
-    bos: bool
     embed_key: str
     hooked_config: HookedConfigBuilder
     constant_buffers: tuple[str, ...] = ()
@@ -183,8 +178,6 @@ ARCHITECTURES: dict[str, Architecture] = {
         converter=convert_llama_weights,
         lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"),
         conv1d=False,
-        positions="rotary",
-        bos=True,
         embed_key="model.embed_tokens.weight",
         hooked_config=llama_hooked_config,
     ),
@@ -194,8 +187,6 @@ ARCHITECTURES: dict[str, Architecture] = {
         converter=convert_gpt2_weights,
         lora_targets=("c_attn", "c_proj", "c_fc"),
         conv1d=True,
-        positions="learned",
-        bos=False,
         embed_key="transformer.wte.weight",
         hooked_config=gpt2_hooked_config,
         constant_buffers=(".attn.bias", ".attn.masked_bias"),  # causal mask and -1e4 of transformers < 4.3x saves
