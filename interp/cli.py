@@ -125,14 +125,10 @@ def build_pairs(args: argparse.Namespace, model) -> tuple[list, dict]:
     if args.source == "prosqa":  # every candidate edit was aligned: keep each problem's first that aligns
         firsts = {p.source["index"]: p for p in reversed(aligned)}
         aligned = [p for p in aligned if firsts[p.source["index"]] is p]
-    # the model filter generates: a question, its latents and 32 decoded tokens must fit the context
-    room = model.cfg.n_ctx - model.num_latents - 2 - 32
-    fits = [p for p in aligned if len(model.prompt_ids(p.clean_question)) <= room]
+    fits = [p for p in aligned if fits_context(model, p.clean_question)]  # the model filter generates
     counts["align"]["drop.longer_than_context"] = len(aligned) - len(fits)
     if aligned and not fits:
-        raise UsageError(
-            f"--source {args.source}: every question is longer than the model's context allows ({room} prompt tokens of n_ctx {model.cfg.n_ctx}); accepted: a source this model was trained for"
-        )
+        raise UsageError(f"--source {args.source}: every question is longer than the model's context allows (n_ctx {model.cfg.n_ctx}); accepted: a source this model was trained for")
     aligned = fits
     if args.filter:
         aligned = filter_by_model(model, aligned, both=True, counts=counts["model"])
@@ -143,6 +139,15 @@ def build_pairs(args: argparse.Namespace, model) -> tuple[list, dict]:
     print(f"kept: {len(kept)} pairs")
     meta = {"source": args.source, "seed": args.seed, "n": args.n, "counts": {k: dict(v) for k, v in counts.items()}, "kept": len(kept)}
     return kept, meta
+
+
+def fits_context(model, question: str) -> bool:
+    """The question, its thoughts and a greedy decode fit the model's context (`LatentModel.check_question`)."""
+    try:
+        model.check_question(question)
+    except ValueError:
+        return False
+    return True
 
 
 def prosqa_source(args: argparse.Namespace, counts) -> list:

@@ -374,6 +374,21 @@ class LatentModel:
         """The tokens fed before the first latent [n_prompt]: question (with BOS), its suffix, bot."""
         return torch.cat([self.encode(question), torch.tensor(self.question_suffix_ids, dtype=torch.long), torch.tensor([self.bot_id])])
 
+    def check_question(self, question: str, n_answer: int = 0, max_new_tokens: int = MAX_NEW_TOKENS) -> None:
+        """Refuse (ValueError, one line) an empty question, or one whose sequence would not fit the
+        context: the prompt, the thoughts, the tail with `n_answer` teacher-forced answer tokens, and
+        `max_new_tokens` decoded after the last fed position."""
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(f"empty question ({question!r}): give the text of a problem")
+        q = len(self.encode(question))
+        layout = self.layout(q, n_answer)
+        need = max(layout.seq_len, layout.decode_start + max_new_tokens)
+        if need > self.cfg.n_ctx:
+            raise ValueError(
+                f"the question needs {need} positions ({q} question tokens, {self.num_latents} thoughts, the answer and {max_new_tokens} decoded tokens), "
+                f"more than the model's context of {self.cfg.n_ctx}: shorten the question or decode fewer tokens"
+            )
+
     def tail_ids(self, answer_ids: Tensor | None = None) -> Tensor:
         """The tokens fed after the latents [n]: eot, its suffix, the answer prefix, the answer."""
         parts = [torch.tensor([self.eot_id, *self.eot_suffix_ids], dtype=torch.long), self.prefix_ids()]
@@ -542,6 +557,8 @@ class LatentModel:
         """
         if num_latents is not None and num_latents != self.num_latents:
             return self.with_latents(num_latents).generate_batch(questions, max_new_tokens, fwd_hooks)
+        for question in questions:
+            self.check_question(question, max_new_tokens=max_new_tokens)
         q_ids = [self.encode(q) for q in questions]
         latents, kv_cache, offsets = self.run_latents(questions, fwd_hooks)
         tail = self.tail_ids()[: 1 + len(self.eot_suffix_ids)]  # eot and its suffix: fed, not generated
@@ -646,8 +663,10 @@ class LatentModel:
 
     def _hooked_pass(self, question: str, answer, fwd_hooks: Sequence[Hook], **forward_kwargs) -> ForwardOutput:
         """The hooked latent loop (no decoding), then one teacher-forced pass with the same hooks over the sequence."""
+        answer_ids = self._answer_ids(answer)
+        self.check_question(question, 0 if answer_ids is None else len(answer_ids), max_new_tokens=0)
         latents, _, _ = self.run_latents([question], fwd_hooks)
-        _, embeds = self.sequence(self.encode(question), latents[0], self._answer_ids(answer))
+        _, embeds = self.sequence(self.encode(question), latents[0], answer_ids)
         return self.forward(embeds[None], fwd_hooks=fwd_hooks, **forward_kwargs)
 
     # ------------------------------------------------------------------ latent decoding

@@ -18,7 +18,6 @@ run-directory I/O (`interp.runio`). This module checks a sweep, then drives the 
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -34,6 +33,7 @@ from interp.data.pairs import Pair, save_pairs
 from interp.engine import MAX_ROWS, STRATEGIES, BatchPatcher, Job, check_hook, layer_of
 from interp.executor import LocalExecutor
 from interp.interventions import INTERVENTIONS, Intervention, Mean
+from interp.layout import MAX_NEW_TOKENS
 from interp.metrics import first_difference
 from interp.model import LatentModel
 from interp.patching import latent_sites
@@ -177,7 +177,6 @@ def check_pairs(model: LatentModel, pairs: Sequence[Pair]) -> None:
     repeated = sorted({i for i in ids if ids.count(i) > 1})
     if repeated:
         raise ConfigError("pairs", f"pair id {repeated[0]!r} occurs {ids.count(repeated[0])} times; accepted: unique pair ids")
-    decode = inspect.signature(model.generate).parameters["max_new_tokens"].default
     problems = []
     for pair in pairs:
         problem = None
@@ -192,14 +191,10 @@ def check_pairs(model: LatentModel, pairs: Sequence[Pair]) -> None:
             except ValueError as exc:
                 problem = str(exc)
             else:
-                q = len(model.encode(pair.clean_question))
-                layout = model.layout(q, n_answer=common)  # the trace's teacher-forced sequence; decoding feeds decode - 1 tokens after decode_start
-                need = max(layout.seq_len, layout.decode_start + decode)
-                if need > model.cfg.n_ctx:
-                    problem = (
-                        f"needs {need} positions ({q} question tokens, {model.num_latents} latents, answer and decoding), "
-                        f"more than the model's context of {model.cfg.n_ctx}; accepted: shorter questions"
-                    )
+                try:  # the trace's teacher-forced sequence, and the decode after it
+                    model.check_question(pair.clean_question, n_answer=common, max_new_tokens=MAX_NEW_TOKENS)
+                except ValueError as exc:
+                    problem = f"{exc}; accepted: shorter questions"
         if problem:
             problems.append(f"pair {pair.id!r}: {problem}")
     if problems:

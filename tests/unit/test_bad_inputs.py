@@ -78,9 +78,21 @@ def test_question_longer_than_the_context(tmp_path, capsys):
     record["corrupted_question"] += pad
     path = pairs_file(tmp_path, [record])
     code, err = fails(["patch", "--pairs", path, "--out", str(tmp_path / "run")], capsys)
-    assert code == 2 and err.startswith("error: --pairs: 1 of 1 pairs cannot be patched on this model; first: pair 'long': needs ")
-    assert err.endswith("more than the model's context of 64; accepted: shorter questions")
+    assert code == 2 and err.startswith("error: --pairs: 1 of 1 pairs cannot be patched on this model; first: pair 'long': the question needs ")
+    assert err.endswith("more than the model's context of 64: shorten the question or decode fewer tokens; accepted: shorter questions")
     assert not (tmp_path / "run").exists()
+
+
+def test_generate_refuses_an_empty_or_too_long_question_in_one_line(capsys):
+    """Before the fix an empty question decoded garbage and a long one ended in an IndexError inside TransformerLens."""
+    code, err = fails(["generate", "   "], capsys)
+    assert (code, err) == (2, "error: empty question ('   '): give the text of a problem")
+    code, err = fails(["generate", "1 +2" + " +2" * 40], capsys)
+    assert code == 2 and err.startswith("error: the question needs ") and err.endswith("more than the model's context of 64: shorten the question or decode fewer tokens")
+    from interp import load_default
+
+    with pytest.raises(ValueError, match=r"^the question needs \d+ positions \(\d+ question tokens, 6 thoughts, the answer and 0 decoded tokens\)"):
+        load_default().run_with_cache("1 +2" + " +2" * 40)
 
 
 ROW = {"pair_id": "p0", "strategy": "parallel", "kind": "all", "layer": 0, "latents": [0], "hook": "h", "normalized_effect": 0.5, "logit_diff": 1.0, "kl": None, "flip": True}
