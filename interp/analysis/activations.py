@@ -27,6 +27,7 @@ from torch import Tensor
 
 from interp.data.align import answer_text
 from interp.data.pairs import Pair
+from interp.layout import SequenceLayout
 from interp.model import Generation, LatentModel
 
 EMBED_LAYER = -1  # the input embedding, blocks.0.hook_resid_pre
@@ -102,17 +103,16 @@ def key_names(num_latents: int) -> list[str]:
     return ["question", "bot"] + [f"latent[{t}]" for t in range(num_latents)] + ["eot", "prefix"]
 
 
-def _named_columns(tokens: Tensor, offset: int, num_latents: int) -> tuple[dict[str, int], Tensor]:
-    """Columns of the named positions of one left-padded row, and its key-group of every column
-    ([width] long, -1 for padding). tokens [seq] as `LatentModel.sequence` returns them (-1 at latents)."""
-    latent = (tokens == -1).nonzero().flatten() + offset
-    bot, eot = int(latent[0]) - 1, int(latent[-1]) + 1
-    width = offset + len(tokens)
-    columns = {"bot": bot, **{f"latent[{t}]": int(c) for t, c in enumerate(latent)}, "eot": eot, "answer": width - 1}
-    group = torch.full((width,), -1, dtype=torch.long)
-    group[offset:bot] = 0
-    group[bot : eot + 1] = torch.arange(1, num_latents + 3)
-    group[eot + 1 :] = num_latents + 3
+def _named_columns(layout: SequenceLayout, offset: int) -> tuple[dict[str, int], Tensor]:
+    """Columns of the named positions of one row left-padded by `offset`, and the key group of every
+    column ([offset + seq] long, -1 for padding): `question` (the question and its suffix), `bot`,
+    `latent[t]`, `eot`, `prefix` (everything after eot: its suffix and the answer prefix)."""
+    k = layout.num_latents
+    columns = {name: layout.position(name) + offset for name in position_names(k)}
+    group = torch.full((offset + layout.seq_len,), -1, dtype=torch.long)
+    group[offset : offset + layout.bot] = 0
+    group[offset + layout.bot : offset + layout.eot + 1] = torch.arange(1, k + 3)
+    group[offset + layout.eot + 1 :] = k + 3
     return columns, group
 
 
@@ -143,11 +143,11 @@ def _collect_batch(model: LatentModel, batch: Sequence[Problem], layers: list[in
     embeds = torch.zeros(len(seqs), width, model.cfg.d_model, dtype=seqs[0][1].dtype, device=model.device)
     mask = torch.zeros(len(seqs), width, dtype=torch.long)
     groups = torch.full((len(seqs), width), -1, dtype=torch.long)
-    for r, (tokens, emb) in enumerate(seqs):
+    for r, ((tokens, emb), gen) in enumerate(zip(seqs, gens)):
         offset = width - len(tokens)
         embeds[r, offset:] = emb
         mask[r, offset:] = 1
-        columns, groups[r] = _named_columns(tokens, offset, model.num_latents)
+        columns, groups[r] = _named_columns(model.layout(len(gen.question_ids)), offset)
     cols = [columns[name] for name in positions]  # the same in every row (see the module docstring)
     qcols = [columns[name] for name in queries]
     onehot = (torch.nn.functional.one_hot(groups.clamp(min=0), len(keys)).float() * (groups >= 0)[..., None]).to(model.device)  # [b, width, keys]

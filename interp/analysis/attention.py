@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from interp.analysis.activations import Activations, Problem
+from interp.layout import SequenceLayout
 from interp.model import Generation, LatentModel
 
 ALL_LAYERS = "all"
@@ -45,21 +46,17 @@ def attention_rows(acts: Activations) -> list[dict[str, Any]]:
 
 
 def group_columns(name: str, width: int, num_latents: int) -> tuple[int, int]:
-    """[lo, hi) columns of a group in a batch whose padded prompt is `width` long (hi may be a large number)."""
-    if name == "question":
-        return 0, width - 1
-    if name == "bot":
-        return width - 1, width
-    if name == "latents":
-        return width, width + num_latents
-    if name.startswith("latent[") and name.endswith("]") and name[7:-1].isdigit() and int(name[7:-1]) < num_latents:
-        t = int(name[7:-1])
-        return width + t, width + t + 1
-    if name == "eot":
-        return width + num_latents, width + num_latents + 1
-    if name == "answer":
-        return width + num_latents, 1 << 30
-    raise ValueError(f"unknown position group {name!r}; use question, bot, latent[t] (t < {num_latents}), latents, eot or answer")
+    """[lo, hi) columns of a group in a batch whose padded prompt is `width` long (hi may be a large number).
+
+    Positions come from the layout of the padded batch (bot in column width - 1): `question` = every
+    column before bot, `bot`, `latent[t]`, `latents` = all of them, `eot`, `answer` = eot and every
+    column after it (what writes the answer)."""
+    layout = SequenceLayout(n_question=width - 1, num_latents=num_latents, n_prefix=0)
+    spans = {"question": (0, layout.bot), "latents": (layout.n_prompt, layout.eot), "answer": (layout.eot, 1 << 30)}
+    spans.update({name: (layout.position(name), layout.position(name) + 1) for name in ("bot", "eot", *(layout.name(p) for p in layout.latent_positions))})
+    if name not in spans:
+        raise ValueError(f"unknown position group {name!r}; use question, bot, latent[t] (t < {num_latents}), latents, eot or answer")
+    return spans[name]
 
 
 def knockout_hooks(edges: Sequence[tuple[str, str]], layers: Sequence[int], width: int, num_latents: int) -> list[tuple[str, Any]]:
@@ -85,8 +82,7 @@ def knockout_hooks(edges: Sequence[tuple[str, str]], layers: Sequence[int], widt
 
 def prompt_width(model: LatentModel, questions: Sequence[str]) -> int:
     """The padded prompt length (question, its suffix, bot) `generate_batch` runs these questions with."""
-    dummy = torch.zeros(model.num_latents, model.cfg.d_model)
-    return max(int((model.sequence(model.encode(q), dummy)[0] == -1).nonzero()[0]) for q in questions)
+    return max(model.layout(len(model.encode(q))).n_prompt for q in questions)
 
 
 @torch.no_grad()
