@@ -234,6 +234,14 @@ def check_lm_keys(merged: dict[str, torch.Tensor], config: PretrainedConfig, arc
     return merged
 
 
+def prj_module(d_model: int, hidden: int, layer_norm: bool = True, dropout: float = 0.0) -> nn.Sequential:
+    """CODI's projection: Dropout -> Linear(d, h) -> GELU -> Linear(h, d) [-> LayerNorm `ln`] (keys `1.*`, `3.*`, `ln.*`)."""
+    prj = nn.Sequential(nn.Dropout(dropout), nn.Linear(d_model, hidden), nn.GELU(), nn.Linear(hidden, d_model))
+    if layer_norm:
+        prj.add_module("ln", nn.LayerNorm(d_model))
+    return prj
+
+
 def build_prj(prj_state: dict[str, torch.Tensor], d_model: int) -> nn.Sequential:
     """Rebuild CODI's projection: Dropout -> Linear(d, h) -> GELU -> Linear(h, d) [-> LayerNorm `ln`].
 
@@ -243,10 +251,7 @@ def build_prj(prj_state: dict[str, torch.Tensor], d_model: int) -> nn.Sequential
     missing = [f"prj.{k}" for k in need if k not in prj_state]
     if missing:
         raise CheckpointError(f"missing keys: {_fmt(missing)} (the projection MLP)")
-    hidden = prj_state["1.weight"].shape[0]
-    prj = nn.Sequential(nn.Dropout(0.0), nn.Linear(d_model, hidden), nn.GELU(), nn.Linear(hidden, d_model))
-    if "ln.weight" in prj_state or "ln.bias" in prj_state:
-        prj.add_module("ln", nn.LayerNorm(d_model))
+    prj = prj_module(d_model, prj_state["1.weight"].shape[0], layer_norm="ln.weight" in prj_state or "ln.bias" in prj_state)
     expected = {k: tuple(v.shape) for k, v in prj.state_dict().items()}
     unused = set(prj_state) - set(expected)
     missing = set(expected) - set(prj_state)

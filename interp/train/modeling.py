@@ -21,13 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from interp.loading.architectures import ARCHITECTURES
+from interp.loading.checkpoint import expected_shapes, prj_module
 from interp.train.tokenizer import EOT_ID, V, llama_config
 
 
 def build_prj(d: int, dropout: float = 0.0) -> nn.Sequential:
-    prj = nn.Sequential(nn.Dropout(dropout), nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
-    prj.add_module("ln", nn.LayerNorm(d))
-    return prj
+    """A fresh CODI projection of width d with its LayerNorm (`interp.loading.checkpoint.prj_module`)."""
+    return prj_module(d, d, layer_norm=True, dropout=dropout)
 
 
 def build_llama(base_config=None, attn_implementation: str = "eager"):
@@ -45,25 +46,12 @@ def build_llama(base_config=None, attn_implementation: str = "eager"):
 
 
 def expected_checkpoint_shapes(base_config, with_prj: bool = True) -> dict[str, tuple[int, ...]]:
-    """The key -> shape map of a no-LoRA CODI checkpoint for `base_config` (vocab V, +3 rows stored)."""
-    c = base_config
-    d, L = c.hidden_size, c.num_hidden_layers
-    hd = getattr(c, "head_dim", None) or d // c.num_attention_heads
-    shapes: dict[str, tuple[int, ...]] = {"codi.model.embed_tokens.weight": (c.vocab_size + 3, d)}
-    for i in range(L):
-        p = f"codi.model.layers.{i}."
-        shapes[p + "self_attn.q_proj.weight"] = (c.num_attention_heads * hd, d)
-        shapes[p + "self_attn.k_proj.weight"] = (c.num_key_value_heads * hd, d)
-        shapes[p + "self_attn.v_proj.weight"] = (c.num_key_value_heads * hd, d)
-        shapes[p + "self_attn.o_proj.weight"] = (d, c.num_attention_heads * hd)
-        shapes[p + "mlp.gate_proj.weight"] = (c.intermediate_size, d)
-        shapes[p + "mlp.up_proj.weight"] = (c.intermediate_size, d)
-        shapes[p + "mlp.down_proj.weight"] = (d, c.intermediate_size)
-        shapes[p + "input_layernorm.weight"] = (d,)
-        shapes[p + "post_attention_layernorm.weight"] = (d,)
-    shapes["codi.model.norm.weight"] = (d,)
+    """The key -> shape map of a no-LoRA CODI checkpoint for `base_config` (vocab V, +3 rows stored; the
+    tied lm_head not stored): the loader's own expected shapes under `codi.`, and the projection's under `prj.`."""
+    hf = expected_shapes(base_config, ARCHITECTURES["llama"], base_config.vocab_size + 3)
+    shapes = {f"codi.{k}": shape for k, shape in hf.items() if k != "lm_head.weight"}
     if with_prj:
-        shapes.update({"prj.1.weight": (d, d), "prj.1.bias": (d,), "prj.3.weight": (d, d), "prj.3.bias": (d,), "prj.ln.weight": (d,), "prj.ln.bias": (d,)})
+        shapes.update({f"prj.{k}": tuple(v.shape) for k, v in build_prj(base_config.hidden_size).state_dict().items()})
     return shapes
 
 
