@@ -57,6 +57,7 @@ __all__ = [
     "CHECKPOINT_FILES",
     "OFFICIAL_BASES",
     "Architecture",
+    "Checkpoint",
     "CheckpointError",
     "architecture",
     "hooked_config",
@@ -65,6 +66,7 @@ __all__ = [
     "load_codi",
     "load_default",
     "load_model",
+    "read_checkpoint",
     "read_state_dict",
     "rope_parameters",
 ]
@@ -124,7 +126,7 @@ def to_hooked_transformer(weights: dict[str, torch.Tensor], config: PretrainedCo
 
 
 def load_codi(
-    checkpoint: str | Path | dict[str, torch.Tensor],
+    checkpoint: str | Path | dict[str, torch.Tensor] | Checkpoint,
     base: Any = None,
     *,
     lora_alpha: float = 32.0,
@@ -160,42 +162,16 @@ def load_codi(
     Hub ids resolve through the Hugging Face cache (HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE); see
     `interp.loading.hub`. What was loaded, and how, is in the model's `load_options`.
     """
-    if base is None:
-        if isinstance(checkpoint, dict) or not is_hub_id(str(checkpoint)):
-            raise CheckpointError(
-                "base= is required for a local checkpoint: pass the local directory or hub id of the model it was "
-                f"trained on (defaults exist only for the official hub ids {', '.join(OFFICIAL_BASES)})"
-            )
-        base = default_base(str(checkpoint))
-    state, found = read_checkpoint(checkpoint, revision)
-    options = dict(lora_alpha=lora_alpha, num_latents=num_latents, remove_eos=remove_eos, answer_prefix=answer_prefix, dtype=dtype, device=device, n_ctx=n_ctx, base_revision=base_revision)
-    return _codi(state, found, base, **options)
-
-
-def _codi(
-    state: dict[str, torch.Tensor],
-    found: Resolved | None,
-    base: Any,
-    *,
-    lora_alpha: float = 32.0,
-    num_latents: int = 6,
-    remove_eos: bool = True,
-    answer_prefix: str = CODI.answer_prefix,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device | None = None,
-    n_ctx: int | None = None,
-    base_revision: str | None = None,
-) -> LatentModel:
-    """`load_codi` on a state_dict already read from `found`."""
+    repo_id = str(checkpoint) if isinstance(checkpoint, str | Path) and is_hub_id(str(checkpoint)) else checkpoint.found.repo_id if isinstance(checkpoint, Checkpoint) and checkpoint.found else None
+    if base is None and repo_id is None:
+        raise CheckpointError(
+            f"base= is required for a local checkpoint: pass the local directory or hub id of the model it was trained on (defaults exist only for the official hub ids {', '.join(OFFICIAL_BASES)})"
+        )
+    base = default_base(repo_id) if base is None else base  # before reading: an unknown id fails here, not on a download
+    ckpt = read_checkpoint(checkpoint, revision)
+    state, found = ckpt.state, ckpt.found
     if family_of(state) != "codi":
-        raise CheckpointError(f"{_where(found)} is a Coconut checkpoint (base_causallm.* keys): load it with interp.load_coconut or interp.load_model")
-    if base is None:
-        if found is None or found.repo_id is None:
-            raise CheckpointError(
-                "base= is required for a local checkpoint: pass the local directory or hub id of the model it was "
-                f"trained on (defaults exist only for the official hub ids {', '.join(OFFICIAL_BASES)})"
-            )
-        base = default_base(found.repo_id)
+        raise CheckpointError(f"{ckpt.where} is a Coconut checkpoint (base_causallm.* keys): load it with interp.load_coconut or interp.load_model")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     config, tokenizer, base_found = load_base(base, base_revision)
     _check_base_revision(base_found, base_revision)
@@ -243,7 +219,7 @@ def _codi(
 
 
 def load_coconut(
-    checkpoint: str | Path | dict[str, torch.Tensor],
+    checkpoint: str | Path | dict[str, torch.Tensor] | Checkpoint,
     base: Any,
     *,
     num_latents: int = 6,
@@ -272,24 +248,10 @@ def load_coconut(
     The thought fed at a latent position is the final-normed last-layer state at the position
     before it (hook `hook_thought`); the answer follows `###`; decoding runs over the whole vocabulary.
     """
-    state, found = read_checkpoint(checkpoint, revision)
-    return _coconut(state, found, base, num_latents=num_latents, dtype=dtype, device=device, n_ctx=n_ctx, base_revision=base_revision)
-
-
-def _coconut(
-    state: dict[str, torch.Tensor],
-    found: Resolved | None,
-    base: Any,
-    *,
-    num_latents: int = 6,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device | None = None,
-    n_ctx: int | None = None,
-    base_revision: str | None = None,
-) -> LatentModel:
-    """`load_coconut` on a state_dict already read from `found`."""
+    ckpt = read_checkpoint(checkpoint, revision)
+    state, found = ckpt.state, ckpt.found
     if family_of(state) != "coconut":
-        raise CheckpointError(f"{_where(found)} is a CODI checkpoint (codi.* and prj.* keys): load it with interp.load_codi or interp.load_model")
+        raise CheckpointError(f"{ckpt.where} is a CODI checkpoint (codi.* and prj.* keys): load it with interp.load_codi or interp.load_model")
     if base is None:
         raise CheckpointError(
             "base= is required for a Coconut checkpoint (no official Coconut checkpoints were released): pass the hub id or local "
@@ -344,34 +306,45 @@ def load_model(checkpoint: str | Path | dict[str, torch.Tensor], base: Any = Non
     """
     if base is None and (isinstance(checkpoint, dict) or not is_hub_id(str(checkpoint))):
         raise CheckpointError("base= is required for a local checkpoint: pass the local directory or hub id of the model it was trained on (CODI or Coconut)")
-    state, found = read_checkpoint(checkpoint, options.pop("revision", None))
-    if family_of(state) == "codi":
-        return _codi(state, found, base, **options)
+    ckpt = read_checkpoint(checkpoint, options.pop("revision", None))
+    if family_of(ckpt.state) == "codi":
+        return load_codi(ckpt, base, **options)
     wrong = [k for k in CODI_ONLY if k in options]
     if wrong:
-        raise CheckpointError(f"{_where(found)} is a Coconut checkpoint; {', '.join(wrong)} apply to CODI checkpoints only")
-    return _coconut(state, found, base, **options)
+        raise CheckpointError(f"{ckpt.where} is a Coconut checkpoint; {', '.join(wrong)} apply to CODI checkpoints only")
+    return load_coconut(ckpt, base, **options)
 
 
-def read_checkpoint(checkpoint: str | Path | dict[str, torch.Tensor], revision: str | None = None) -> tuple[dict[str, torch.Tensor], Resolved | None]:
-    """The state_dict a checkpoint names (a hub id, a directory, a file, or a state_dict itself), with
-    finite values, and where it was read (None for a state_dict; its path is the file actually read)."""
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint read once: its state_dict and where it was read (None for a state_dict given as such;
+    the path is the file actually read). The loaders take one in place of a path."""
+
+    state: dict[str, torch.Tensor]
+    found: Resolved | None
+
+    @property
+    def where(self) -> str:
+        return "the state_dict" if self.found is None else f"checkpoint {self.found.ref}"
+
+
+def read_checkpoint(checkpoint: str | Path | dict[str, torch.Tensor] | Checkpoint, revision: str | None = None) -> Checkpoint:
+    """The state_dict a checkpoint names (a hub id, a directory, a file, a state_dict or an already
+    read `Checkpoint`), with finite values, and where it was read."""
+    if isinstance(checkpoint, Checkpoint | dict) and revision is not None:
+        raise CheckpointError("revision= and base_revision= apply to hub ids only; a local path is read as it is")
+    if isinstance(checkpoint, Checkpoint):
+        return checkpoint
     if isinstance(checkpoint, dict):
-        if revision is not None:
-            raise CheckpointError("revision= and base_revision= apply to hub ids only; a local path is read as it is")
         check_finite(checkpoint)
-        return checkpoint, None
+        return Checkpoint(checkpoint, None)
     found = resolve_checkpoint(checkpoint, revision)
     if revision is not None and found.repo_id is None:
         raise CheckpointError("revision= and base_revision= apply to hub ids only; a local path is read as it is")
     found = dataclasses.replace(found, path=checkpoint_file(found.path))
     state = read_state_dict(found.path)
     check_finite(state)
-    return state, found
-
-
-def _where(found: Resolved | None) -> str:
-    return "the state_dict" if found is None else f"checkpoint {found.ref}"
+    return Checkpoint(state, found)
 
 
 def _check_base_revision(base_found: Resolved | None, base_revision: str | None) -> None:

@@ -136,5 +136,5 @@ def test_cli_takes_hub_ids_and_shows_lora_alpha(hub, tiny_gpt2_codi, gpt2_base_f
     add_snapshot(hub, "gpt2", COMMIT_A, gpt2_base_files)
     main(["generate", "--checkpoint", "zen-E/CODI-gpt2", "--device", "cpu", "--max-new-tokens", "2", "--lora-alpha", "16", QUESTION])
     out = capsys.readouterr()
-    assert "loaded zen-E/CODI-gpt2 on base gpt2: lora_alpha 16 (LoRA rank 8; alpha is not stored in checkpoints" in out.err
+    assert "loaded codi checkpoint zen-E/CODI-gpt2 on base gpt2: lora_alpha 16 (LoRA rank 8; alpha is not stored in checkpoints" in out.err
     assert "answer text:" in out.out
