@@ -21,18 +21,10 @@ from torch import nn
 from transformers import GPT2LMHeadModel
 
 
-class ReferenceCodi(nn.Module):
-    """The state_dict of this module is an official CODI checkpoint: keys `codi.*` and `prj.*`."""
+class HFLayers:
+    """The decoder layers of a reference's HF causal LM (`hf_model`), for forward hooks."""
 
-    def __init__(self, codi: nn.Module, prj: nn.Module):
-        super().__init__()
-        self.codi = codi
-        self.prj = prj
-
-    @property
-    def hf_model(self):
-        """The HF causal LM inside (peft-wrapped or not); used for its layers and embeddings."""
-        return self.codi.get_base_model() if hasattr(self.codi, "get_base_model") else self.codi
+    hf_model: nn.Module
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -45,6 +37,20 @@ class ReferenceCodi(nn.Module):
         block = self.blocks[layer]
         attn = block.self_attn if hasattr(block, "self_attn") else block.attn
         return {"layer": block, "attn": attn, "mlp": block.mlp}[kind]
+
+
+class ReferenceCodi(HFLayers, nn.Module):
+    """The state_dict of this module is an official CODI checkpoint: keys `codi.*` and `prj.*`."""
+
+    def __init__(self, codi: nn.Module, prj: nn.Module):
+        super().__init__()
+        self.codi = codi
+        self.prj = prj
+
+    @property
+    def hf_model(self):
+        """The HF causal LM inside (peft-wrapped or not); used for its layers and embeddings."""
+        return self.codi.get_base_model() if hasattr(self.codi, "get_base_model") else self.codi
 
     def embed(self, ids: list[int]) -> torch.Tensor:
         return self.hf_model.get_input_embeddings()(torch.tensor([ids]))
@@ -221,7 +227,7 @@ def _cache_kwarg(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-class ReferenceCoconut(nn.Module):
+class ReferenceCoconut(HFLayers, nn.Module):
     """The official `Coconut` module, batch 1, inference only. Its state_dict is an official
     checkpoint: `base_causallm.*` plus `embedding.weight`, the base's input embedding module
     registered a second time (GPT-2: `base_causallm.transformer.get_input_embeddings()`, otherwise
@@ -240,22 +246,14 @@ class ReferenceCoconut(nn.Module):
             self.embedding = base_causallm.get_input_embeddings()
 
     @property
-    def blocks(self) -> nn.ModuleList:
-        """The decoder layers: `model.layers` (LLaMA) or `transformer.h` (GPT-2)."""
-        hf = self.base_causallm
-        return hf.model.layers if hasattr(hf, "model") else hf.transformer.h
+    def hf_model(self) -> nn.Module:
+        return self.base_causallm
 
     @property
     def final_norm(self) -> nn.Module:
         """GPT-2 `transformer.ln_f` (weight and bias), LLaMA `model.norm` (RMSNorm)."""
         hf = self.base_causallm
         return hf.model.norm if hasattr(hf, "model") else hf.transformer.ln_f
-
-    def module(self, kind: str, layer: int) -> nn.Module:
-        """Decoder layer `layer` ("layer"), its attention ("attn") or its MLP ("mlp")."""
-        block = self.blocks[layer]
-        attn = block.self_attn if hasattr(block, "self_attn") else block.attn
-        return {"layer": block, "attn": attn, "mlp": block.mlp}[kind]
 
     def prompt_ids(self, tokenizer, question: str, k: int) -> list[int]:
         """`get_question_latent_dataset`: question + "\\n" (special tokens added: Llama's BOS,
