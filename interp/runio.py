@@ -35,6 +35,7 @@ import math
 import os
 import platform
 import socket
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -384,6 +385,11 @@ def check_output_dir(out: str | Path) -> Path:
         raise UsageError(f"--out {out}: {probe} is not a directory; accepted: a path under a writable directory")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UsageError(f"--out {out}: {probe} is not writable; accepted: a path under a writable directory")
+    try:  # permissions alone do not say it (root, read-only or virtual file systems): try an unnamed file
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise UsageError(f"--out {out}: {probe} is not writable ({exc.strerror}); accepted: a path under a writable directory") from None
     return out
 
 

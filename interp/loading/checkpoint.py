@@ -79,7 +79,7 @@ def read_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # the file is unreadable: say which one and why
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}; a truncated or half-downloaded file reads so: download or save it again") from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a flat state_dict of tensors (got {type(state).__name__}); save the CODI or Coconut module's state_dict()")
     return state

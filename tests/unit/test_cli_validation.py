@@ -85,6 +85,9 @@ def test_out_that_is_a_file_or_not_writable(pairs_file, tmp_path, capsys, monkey
     code, err = fails(["patch", "--pairs", str(pairs_file), "--out", str(tmp_path / "new" / "run")], capsys)
     assert (code, err) == (2, f"error: --out {tmp_path / 'new' / 'run'}: {tmp_path} is not writable; accepted: a path under a writable directory")
     assert not (tmp_path / "new").exists()
+    monkeypatch.undo()
+    code, err = fails(["patch", "--pairs", str(pairs_file), "--out", "/proc/interp-run"], capsys)  # writable by permissions (as root), not in fact
+    assert code == 2 and err.startswith("error: --out /proc/interp-run: /proc is not writable") and err.endswith("accepted: a path under a writable directory")
 
 
 def test_base_config_that_is_not_json(tmp_path, capsys):
