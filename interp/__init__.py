@@ -7,6 +7,7 @@
     r = interp.patch(model, pt.corrupted, pt.clean, ("resid_post", 2), 3, "iterative", intervention=interp.Zero())
 """
 
+from interp.attribution import attribute, decompose, verify_top_k
 from interp.engine import STRATEGIES, BatchPatcher, Job, PatchError, PatchResult, Site
 from interp.family import COCONUT, CODI, Family
 from interp.hooks import at_positions
@@ -45,6 +46,8 @@ __all__ = [
     "Trace",
     "Zero",
     "at_positions",
+    "attribute",
+    "decompose",
     "load_coconut",
     "load_codi",
     "load_default",
@@ -54,4 +57,5 @@ __all__ = [
     "run_sweep",
     "sweep",
     "trace_pair",
+    "verify_top_k",
 ]
