@@ -46,7 +46,8 @@ from torch import Tensor
 from benchmarks.baselines import nnsight_patch
 from benchmarks.models import MODELS, bench_pairs, build_model
 from benchmarks.naive import naive_patch
-from interp.engine import STRATEGIES, Job, layer_of
+from interp.engine import STRATEGIES, Job
+from interp.hooks import layer_of
 from interp.model import LatentModel, fast_layout
 from interp.patching import latent_sites, patch_sites
 from interp.plan import Unit, batch_order, latent_sets
@@ -163,7 +164,7 @@ class NnsightPeer:
         self.clean: dict[str, Tensor] = {}  # pair id -> the clean run's layer outputs [n_layers, seq, d]
 
     def __call__(self, model: LatentModel, pt, site, strategy: str, family: str):
-        from interp.engine import PatchResult, layer_of
+        from interp.engine import PatchResult
 
         layout = pt.corrupted.layout
         tail = pt.corrupted.tokens[layout.eot + 1 :].tolist()

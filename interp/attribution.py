@@ -91,8 +91,8 @@ import torch
 from torch import Tensor
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
-from interp.engine import STRATEGIES, BatchPatcher, Job, PatchError, Site, Strategy, check_hook, layer_of
-from interp.hooks import HEAD_HOOKS, Hook
+from interp.engine import STRATEGIES, BatchPatcher, Job, PatchError, Site, Strategy, check_hook
+from interp.hooks import HEAD_HOOKS, Hook, layer_of
 from interp.model import LatentModel
 from interp.trace import PairTraces
 

@@ -47,7 +47,7 @@ from torch import Tensor
 from transformer_lens import ActivationCache
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
-from interp.hooks import HEAD_HOOKS, NOT_POSITIONAL, Hook
+from interp.hooks import HEAD_HOOKS, NOT_POSITIONAL, Hook, layer_of
 from interp.interventions import Clean, Intervention, Zero
 from interp.kvcache import expand_cache, left_padded_cache
 from interp.layout import MAX_NEW_TOKENS
@@ -136,12 +136,6 @@ class PositionCache:
 
 
 # ----------------------------------------------------------------------------- argument checks
-
-
-def layer_of(hook: str) -> int | None:
-    """`blocks.3.hook_resid_post` -> 3; hooks outside the blocks -> None."""
-    parts = hook.split(".")
-    return int(parts[1]) if parts[0] == "blocks" and len(parts) > 1 and parts[1].isdigit() else None
 
 
 def check_hook(model: LatentModel, hook: str, head: int | None = None) -> None:

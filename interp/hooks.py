@@ -25,6 +25,12 @@ HEAD_HOOKS = ("hook_z", "hook_q", "hook_k", "hook_v", "hook_result")
 FAMILIES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v", "result", "pattern", "attn_scores")
 
 
+def layer_of(hook: str) -> int | None:
+    """`blocks.3.hook_resid_post` -> 3; hooks outside the blocks -> None (the one parser of hook names' layers)."""
+    parts = hook.split(".")
+    return int(parts[1]) if parts[0] == "blocks" and len(parts) > 1 and parts[1].isdigit() else None
+
+
 def hook_name(hook: str | tuple[str, int]) -> str:
     """A full TransformerLens hook name from a name or a `(name, layer)` tuple (as `get_act_name`)."""
     if isinstance(hook, tuple):

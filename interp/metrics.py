@@ -9,6 +9,8 @@ import torch
 from torch import Tensor
 from transformer_lens import ActivationCache
 
+from interp.hooks import layer_of
+
 
 def first_difference(clean_ids: Sequence[int], corrupted_ids: Sequence[int]) -> int:
     """Index of the first token where two answers' token ids differ.
@@ -59,7 +61,7 @@ def cache_similarity(a: ActivationCache, b: ActivationCache, family: str, positi
     {"cos": [n_layers, n_positions], "rel_l2": [n_layers, n_positions]} with
     rel_l2 = |a - b| / |b| (b is the reference, e.g. the clean run).
     """
-    layers = sorted({int(k.split(".")[1]) for k in a.cache_dict if k.startswith("blocks.") and k.endswith("." + family)})
+    layers = sorted({layer_of(k) for k in a.cache_dict if layer_of(k) is not None and k.endswith("." + family)})
     if not layers:
         raise KeyError(f"no hook blocks.*.{family} in the cache")
     at = list(positions) if positions is not None else slice(None)

@@ -30,8 +30,9 @@ import torch
 from tqdm.auto import tqdm
 
 from interp.data.pairs import Pair, save_pairs
-from interp.engine import MAX_ROWS, STRATEGIES, BatchPatcher, Job, check_hook, layer_of
+from interp.engine import MAX_ROWS, STRATEGIES, BatchPatcher, Job, check_hook
 from interp.executor import LocalExecutor
+from interp.hooks import layer_of
 from interp.interventions import INTERVENTIONS, Intervention, Mean
 from interp.layout import MAX_NEW_TOKENS
 from interp.metrics import first_difference
