@@ -233,13 +233,36 @@ def run_patch_sweep(args: argparse.Namespace, model, pairs, provenance: dict, pa
 
 
 def cmd_patch(args: argparse.Namespace) -> None:
+    from interp.attribution_run import check_method
     from interp.data import load_pairs
     from interp.runio import check_output_dir
 
+    check_method(args.method, args.top_k)
     check_output_dir(args.out)
     pairs, meta = load_pairs(args.pairs)
     model = load_model(args)
-    run_patch_sweep(args, model, pairs, {**model_provenance(args), "pairs_file": str(args.pairs), "pairs_meta": meta})
+    provenance = {**model_provenance(args), "pairs_file": str(args.pairs), "pairs_meta": meta}
+    if args.method == "exact":
+        run_patch_sweep(args, model, pairs, provenance)
+    else:
+        run_attribution_sweep(args, model, pairs, provenance)
+
+
+def run_attribution_sweep(args: argparse.Namespace, model, pairs, provenance: dict) -> None:
+    """`interp patch --method atp|atp+verify`: attribution patching into --out, then its report."""
+    from interp.attribution_run import AttributionConfig, run_attribution
+    from interp.engine import STRATEGIES
+
+    strategies = STRATEGIES if args.strategy == "all" else tuple(args.strategy.split(","))
+    if args.quick:
+        print(f"--quick: running the first {min(5, len(pairs))} of {len(pairs)} pairs")
+        pairs = pairs[:5]
+    config = AttributionConfig(hooks=tuple(args.hook.split(",")), strategies=strategies, top_k=args.top_k)
+    summary = run_attribution(model, pairs, args.out, config, provenance=provenance, force_new=args.force_new)
+    for strategy, s in summary["strategies"].items():
+        verified = f", Spearman vs exact {s['spearman']:.3f}, top-{args.top_k} recall {s['top_k_recall']:.2f}, {len(s['unconfirmed'])} unconfirmed" if "verified" in s else ""
+        print(f"{strategy}: {s['sites']} sites over {s['pairs']} pairs{verified}")
+    print(f"report: {Path(args.out) / 'report.html'}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -436,6 +459,13 @@ def parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--pairs", required=True)
     add_sweep_args(p, default_out=None)
+    p.add_argument(
+        "--method",
+        default="exact",
+        help="exact (one patched run per test, the sweep), atp (attribution patching: every site of the --hook families, "
+        "comma-separated, e.g. z,resid_post, from one backward pass per pair and strategy) or atp+verify (atp, then each pair's --top-k sites patched exactly)",
+    )
+    p.add_argument("--top-k", type=int, default=0, help="with --method atp+verify: sites per pair and strategy patched exactly")
     p.set_defaults(func=cmd_patch)
 
     p = sub.add_parser("run", help="pairs -> patch sweep -> report (the main job)")

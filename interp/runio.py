@@ -50,7 +50,8 @@ RUN_JSON, RESULTS, VALIDITY, SUMMARY = "run.json", "results.jsonl", "validity.js
 LOCK, PID = "run.lock", "run.pid"
 #: the files a run owns: `force_new` removes exactly these (and their temporary files), nothing else
 ANALYSIS = "analysis.json"  # an analysis run's results (interp.analysis.run)
-RUN_FILES = (RESULTS, VALIDITY, SUMMARY, ANALYSIS, RUN_JSON, "report.html")
+ATTRIBUTION = "attribution.jsonl"  # an attribution run's rows (interp.attribution_run)
+RUN_FILES = (RESULTS, VALIDITY, SUMMARY, ANALYSIS, ATTRIBUTION, RUN_JSON, "report.html")
 FORMAT_VERSION = 2
 HASH_CHUNK = 1 << 22
 
@@ -465,7 +466,7 @@ def open_run(out: str | Path, fingerprint: dict[str, Any], info: dict[str, Any],
             if diff:
                 raise UsageError(f"--out {out} holds another experiment, differing in {', '.join(diff)}; pass --force-new to start over or choose another --out")
             started = previous.get("started", started)
-        elif any((out / name).exists() for name in (RESULTS, VALIDITY, ANALYSIS)):
+        elif any((out / name).exists() for name in (RESULTS, VALIDITY, ANALYSIS, ATTRIBUTION)):
             raise UsageError(f"--out {out}: holds results but no run.json; pass --force-new to start over or choose another --out")
         run_info = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint, **info, "started": started}
         atomic_write_json(run_path, run_info)

@@ -65,7 +65,17 @@ class ConfigError(UsageError):
 
 
 #: the CLI flag of each field `ConfigError` may name
-FLAGS = {"intervention": "--intervention", "strategies": "--strategy", "kinds": "--kinds", "layers": "--layers", "hook": "--hook", "num_latents": "--num-latents", "pairs": "--pairs"}
+FLAGS = {
+    "intervention": "--intervention",
+    "strategies": "--strategy",
+    "kinds": "--kinds",
+    "layers": "--layers",
+    "hook": "--hook",
+    "num_latents": "--num-latents",
+    "pairs": "--pairs",
+    "method": "--method",
+    "top_k": "--top-k",
+}
 
 
 @dataclass
