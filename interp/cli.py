@@ -346,10 +346,27 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     print(f"report: {Path(args.out) / 'report.html'}")
 
 
-def cmd_train(args: argparse.Namespace) -> None:
-    from interp.train import cli_train
+#: each objective's trainer family and default preset
+OBJECTIVES = {"aligned": ("codi", "embedded"), "codi": ("codi", "codi"), "coconut": ("coconut", "embedded"), "pause": ("coconut", "embedded"), "direct": ("coconut", "embedded")}
 
-    cli_train(args.preset, args.out, args.seed)
+
+def cmd_train(args: argparse.Namespace) -> None:
+    """`interp train --objective aligned|codi` (CODI format: interp.train.trainer) or `coconut|pause|direct`
+    (the Coconut curriculum and its controls, official checkpoint_N format: interp.train.coconut)."""
+    if args.objective not in OBJECTIVES:
+        raise UsageError(f"--objective {args.objective}: accepted: {', '.join(OBJECTIVES)}")
+    trainer, default_preset = OBJECTIVES[args.objective]
+    preset = args.preset or default_preset
+    if trainer == "codi":
+        from interp.train import cli_train
+
+        if args.resume:
+            raise UsageError(f"--resume: the {args.objective} trainer restarts from scratch; accepted with --objective coconut, pause or direct")
+        cli_train(preset, args.out, args.seed)
+    else:
+        from interp.train.coconut import cli_train_coconut
+
+        cli_train_coconut(args.objective, args.out, preset, args.seed, args.resume)
 
 
 # ----------------------------------------------------------------------------- parser
@@ -490,8 +507,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--force-new", action="store_true", help="wipe an earlier analysis in --out and start over")
     p.set_defaults(func=cmd_analyze)
 
-    p = sub.add_parser("train", help="train a CODI model (preset 'embedded' rebuilds the shipped model)")
-    p.add_argument("--preset", default="embedded")
+    p = sub.add_parser("train", help="train a model by objective (aligned: the shipped CODI model; codi: the published objective alone; coconut: the curriculum; pause, direct: controls)")
+    p.add_argument("--objective", default="aligned", help="aligned (default), codi, coconut, pause or direct")
+    p.add_argument("--preset", default=None, help="the trainer's preset (default: embedded; codi for --objective codi; micro for seconds-long tests)")
+    p.add_argument("--resume", action="store_true", help="coconut, pause, direct: continue from the last checkpoint in --out")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train)

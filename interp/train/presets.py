@@ -13,6 +13,10 @@ PRESETS: dict[str, TrainConfig] = {
     # Same size and optimiser as the embedded model's phase 1, no chain, no latents; its step count
     # matches the embedded run's phase 1 + phase 2 (see docs/embedded_model.md).
     "direct-baseline": TrainConfig(name="direct-baseline", objective="direct", direct_steps=1100),
+    # The published CODI objective (issue #21): phase 1 as "embedded", then phase 2 with teacher CE + student CE +
+    # alpha * distillation of every layer's hidden state at the token before the answer, WITHOUT the per-step term.
+    # Not trained in this repository yet (CPU budget); `interp train --preset codi --out DIR` trains it.
+    "codi": TrainConfig(name="codi", p2_max_steps=1200, step_distill=False),
     # A 2-layer d=32 model, a few dozen steps: for tests (< 30 s).
     "micro": TrainConfig(
         name="micro",
@@ -40,6 +44,9 @@ PRESETS: dict[str, TrainConfig] = {
         save_phase1=False,
     ),
 }
+
+
+PRESETS["micro-codi"] = dataclasses.replace(PRESETS["micro"], name="micro-codi", step_distill=False)  # the published CODI objective, for tests
 
 
 def get_preset(name: str, **overrides) -> TrainConfig:
