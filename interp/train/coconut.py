@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from interp.train import data as D
+from interp.train.tokenizer import llama_config
 
 # ---------------------------------------------------------------- tokenizer (the Coconut text format)
 
@@ -101,29 +102,10 @@ def decode(ids: Sequence[int]) -> str:
 
 
 def base_config(cfg: CoconutConfig | None = None):
-    """The `LlamaConfig` of the base (vocab_size = 18, without the markers)."""
-    from transformers import LlamaConfig
-
+    """The `LlamaConfig` of the base (vocab_size = 19, without the markers): the CODI trainer's, on this vocabulary."""
     c = cfg or CoconutConfig()
-    return LlamaConfig(
-        vocab_size=CV,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_layers,
-        num_attention_heads=c.num_heads,
-        num_key_value_heads=c.num_kv_heads,
-        head_dim=c.hidden_size // c.num_heads,
-        hidden_act="silu",
-        max_position_embeddings=c.max_position_embeddings,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        tie_word_embeddings=True,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-        pad_token_id=None,
-        attention_bias=False,
-        mlp_bias=False,
-    )
+    shape = dict(num_layers=c.num_layers, hidden_size=c.hidden_size, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, intermediate_size=c.intermediate_size)
+    return llama_config(**shape, max_position_embeddings=c.max_position_embeddings, vocab_size=CV)
 
 
 def save_base_dir(out_dir: str | Path, config) -> Path:
@@ -361,8 +343,8 @@ def plain_state_dict(llama) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_plain(run_dir: str | Path, checkpoint: str | None = None):
-    """A pause or direct control (`checkpoint_N` of plain LlamaForCausalLM keys) as a HF model, every key checked."""
+def _hf_llama(run_dir: str | Path, checkpoint: str | None) -> tuple[Any, dict[str, torch.Tensor]]:
+    """A fresh eager `LlamaForCausalLM` of the run's base config (+3 marker rows) and the checkpoint's state dict."""
     from transformers import AutoConfig, LlamaForCausalLM
 
     run_dir = Path(run_dir)
@@ -370,23 +352,19 @@ def load_plain(run_dir: str | Path, checkpoint: str | None = None):
     config = AutoConfig.from_pretrained(run_dir / "base")
     config.vocab_size = config.vocab_size + 3
     config._attn_implementation = "eager"
-    llama = LlamaForCausalLM(config)
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    return LlamaForCausalLM(config), torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_plain(run_dir: str | Path, checkpoint: str | None = None):
+    """A pause or direct control (`checkpoint_N` of plain LlamaForCausalLM keys) as a HF model, every key checked."""
+    llama, sd = _hf_llama(run_dir, checkpoint)
     llama.load_state_dict(sd, strict=True)
     return llama.eval()
 
 
 def load_coconut_hf(run_dir: str | Path, checkpoint: str | None = None):
     """A Coconut `checkpoint_N` as the plain HF model (for this module's own forward)."""
-    from transformers import AutoConfig, LlamaForCausalLM
-
-    run_dir = Path(run_dir)
-    path = run_dir / checkpoint if checkpoint else latest_checkpoint(run_dir)
-    config = AutoConfig.from_pretrained(run_dir / "base")
-    config.vocab_size = config.vocab_size + 3
-    config._attn_implementation = "eager"
-    llama = LlamaForCausalLM(config)
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    llama, sd = _hf_llama(run_dir, checkpoint)
     emb = sd.pop("embedding.weight")
     lm = {k[len("base_causallm.") :]: v for k, v in sd.items()}
     if not torch.equal(emb, lm["model.embed_tokens.weight"]):

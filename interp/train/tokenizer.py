@@ -54,12 +54,14 @@ def llama_config(
     num_kv_heads: int = 2,
     intermediate_size: int = 336,
     max_position_embeddings: int = 64,
+    vocab_size: int = V,
 ):
-    """The `LlamaConfig` of the BASE model (vocab_size = V, without CODI's 3 extra rows)."""
+    """The `LlamaConfig` of the BASE model (vocab_size = V by default, without the 3 rows a CODI or Coconut
+    model adds; <s> = 0, </s> = 1 in both task vocabularies)."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=V,
+        vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_hidden_layers=num_layers,
