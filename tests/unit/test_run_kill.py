@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import importlib
 import json
 import os
 import random
@@ -29,10 +30,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from interp import sweep
 from interp.data.arithmetic import arithmetic_pairs
 from interp.runio import read_jsonl
 from interp.sweep import SweepConfig, run_sweep
+
+sweep = importlib.import_module("interp.sweep")  # the module (`interp.sweep` is also the in-memory sweep function)
 
 CONFIG = SweepConfig(kinds=("single", "all"), strategies=("parallel", "iterative"), bootstrap=20)
 REPO = Path(__file__).resolve().parents[2]
