@@ -311,17 +311,22 @@ class ReferenceCoconut(HFLayers, nn.Module):
         compute = (0, latent[0] if latent else n)
         cache = None
         logits = []
-        for pass_idx in range(len(latent)):
-            if cache is not None and cache.get_seq_length() > compute[0]:
-                cache.crop(compute[0] - cache.get_seq_length())
-            start, end = compute
-            out = self.base_causallm(
+
+        def run_pass(start: int, end: int):
+            """Positions [start, end) over the cache cropped to `start` positions (a no-op in practice)."""
+            if cache is not None and cache.get_seq_length() > start:
+                cache.crop(start - cache.get_seq_length())
+            return self.base_causallm(
                 inputs_embeds=inputs_embeds[:, start:end],
                 attention_mask=torch.ones(1, end, dtype=torch.long),
                 position_ids=position_ids[:, start:end],
                 output_hidden_states=True,
                 **({cache_kw: cache} if cache is not None else {}),
             )
+
+        for pass_idx in range(len(latent)):
+            start, end = compute
+            out = run_pass(start, end)
             offset = 0 if cache is None else start
             logits.append(out.logits)
             cache = getattr(out, cache_kw)
@@ -331,17 +336,7 @@ class ReferenceCoconut(HFLayers, nn.Module):
             p = latent[pass_idx]
             inputs_embeds = inputs_embeds.clone()  # the official code rebuilds it (no in-place op)
             inputs_embeds[0, p] = hidden[0, p - 1 - offset]
-        if cache is not None and cache.get_seq_length() > compute[0]:
-            cache.crop(compute[0] - cache.get_seq_length())
-        start, end = compute
-        out = self.base_causallm(
-            inputs_embeds=inputs_embeds[:, start:end],
-            attention_mask=torch.ones(1, end, dtype=torch.long),
-            position_ids=position_ids[:, start:end],
-            output_hidden_states=True,
-            **({cache_kw: cache} if cache is not None else {}),
-        )
-        logits.append(out.logits)
+        logits.append(run_pass(*compute).logits)
         return inputs_embeds, torch.cat(logits, dim=-2)
 
     @torch.no_grad()
