@@ -360,9 +360,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if trainer == "codi":
         from interp.train import cli_train
 
-        if args.resume:
-            raise UsageError(f"--resume: the {args.objective} trainer restarts from scratch; accepted with --objective coconut, pause or direct")
-        cli_train(preset, args.out, args.seed)
+        cli_train(preset, args.out, args.seed, args.resume)
     else:
         from interp.train.coconut import cli_train_coconut
 
@@ -510,7 +508,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model by objective (aligned: the shipped CODI model; codi: the published objective alone; coconut: the curriculum; pause, direct: controls)")
     p.add_argument("--objective", default="aligned", help="aligned (default), codi, coconut, pause or direct")
     p.add_argument("--preset", default=None, help="the trainer's preset (default: embedded; codi for --objective codi; micro for seconds-long tests)")
-    p.add_argument("--resume", action="store_true", help="coconut, pause, direct: continue from the last checkpoint in --out")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out (coconut, pause, direct: its last saved step; aligned, codi: phase 1 and finished phase-2 stages)")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train)

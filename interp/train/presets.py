@@ -17,6 +17,9 @@ PRESETS: dict[str, TrainConfig] = {
     # alpha * distillation of every layer's hidden state at the token before the answer, WITHOUT the per-step term.
     # Not trained in this repository yet (CPU budget); `interp train --preset codi --out DIR` trains it.
     "codi": TrainConfig(name="codi", p2_max_steps=1200, step_distill=False),
+    # The published objective with a curriculum over chain length (issue #21): phase 1 as "embedded", then phase 2
+    # on 2-step chains, then 3, ..., 6 (6 latents throughout; each stage up to 350 steps or 99% dev accuracy).
+    "codi-curriculum": TrainConfig(name="codi-curriculum", p2_max_steps=350, step_distill=False, p2_curriculum=(2, 3, 4, 5, 6)),
     # A 2-layer d=32 model, a few dozen steps: for tests (< 30 s).
     "micro": TrainConfig(
         name="micro",
@@ -47,6 +50,7 @@ PRESETS: dict[str, TrainConfig] = {
 
 
 PRESETS["micro-codi"] = dataclasses.replace(PRESETS["micro"], name="micro-codi", step_distill=False)  # the published CODI objective, for tests
+PRESETS["micro-codi-curriculum"] = dataclasses.replace(PRESETS["micro-codi"], name="micro-codi-curriculum", p2_max_steps=6, p2_curriculum=(2, 3))
 
 
 def get_preset(name: str, **overrides) -> TrainConfig:
@@ -55,14 +59,14 @@ def get_preset(name: str, **overrides) -> TrainConfig:
     return dataclasses.replace(PRESETS[name], **overrides)
 
 
-def train_preset(name: str, out_dir: str | Path, seed: int = 0, **overrides) -> TrainResult:
+def train_preset(name: str, out_dir: str | Path, seed: int = 0, resume: bool = False, **overrides) -> TrainResult:
     """Train preset `name` (overriding any `TrainConfig` field) and write its checkpoint to `out_dir`."""
-    return train(get_preset(name, **overrides), out_dir, seed=seed)
+    return train(get_preset(name, **overrides), out_dir, seed=seed, resume=resume)
 
 
-def cli_train(preset: str, out: str | Path, seed: int = 0) -> int:
-    """`interp train --preset NAME --out DIR [--seed S]`: train, write the checkpoint, print a summary."""
-    res = train_preset(preset, out, seed=seed)
+def cli_train(preset: str, out: str | Path, seed: int = 0, resume: bool = False) -> int:
+    """`interp train --preset NAME --out DIR [--seed S] [--resume]`: train, write the checkpoint, print a summary."""
+    res = train_preset(preset, out, seed=seed, resume=resume)
     m = res.meta
     print(f"wrote {Path(out) / 'model.safetensors'} ({m['objective']['name']}, steps {m['steps']}, {m['wall_time_s']} s, dev {m['dev']})")
     return 0

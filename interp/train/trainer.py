@@ -15,6 +15,7 @@ objective: it nearly supervises each latent directly (see docs/embedded_model.md
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from interp.train import data as D
-from interp.train.modeling import build_llama, build_prj, cache_kwargs, restrict_logits, run_latents, save_checkpoint
+from interp.train.modeling import build_llama, build_prj, cache_kwargs, checkpoint_state_dict, restrict_logits, run_latents, save_checkpoint
 from interp.train.tokenizer import ANSWER_PREFIX, VOCAB, llama_config
 
 
@@ -62,6 +63,10 @@ class TrainConfig:
     p2_schedule: str = "cosine"  # "constant" or "cosine" (decays to p2_min_lr_frac * lr at p2_max_steps)
     p2_min_lr_frac: float = 0.1
     alpha: float = 20.0
+    # chain lengths of successive phase-2 stages (a curriculum over chain length; each stage up to
+    # p2_max_steps, stopping at p2_target on a dev set of its length, optimiser reset per stage);
+    # empty: one stage at task_steps
+    p2_curriculum: tuple[int, ...] = ()
     step_distill: bool = True
     step_distill_weight: float = 1.0
     # direct baseline
@@ -280,8 +285,94 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(cfg: TrainConfig, out_dir: str | Path, seed: int = 0) -> TrainResult:
-    """Train `cfg` (phase 1 + phase 2 for "codi", or the direct baseline) and write its checkpoint to `out_dir`."""
+def _stage_lengths(cfg: TrainConfig) -> tuple[int, ...]:
+    lengths = tuple(cfg.p2_curriculum) or (cfg.task_steps,)
+    if any(not 1 <= n <= cfg.task_steps for n in lengths) or lengths[-1] != cfg.task_steps:
+        raise ValueError(f"p2_curriculum {lengths}: chain lengths in 1..task_steps ({cfg.task_steps}), ending at task_steps")
+    return lengths
+
+
+def _stage_dir(out: Path, i: int) -> Path:
+    return out / "phase2_stages" / f"stage{i}"
+
+
+def _phase2(llama, prj, cfg: TrainConfig, seed: int, n1: int, out: Path, log: list, log_file, resume: bool):
+    """Phase 2 (CODI), one stage per chain length of the curriculum; returns (steps, last dev acc, stages).
+
+    Each finished stage writes `<out>/phase2_stages/stage<i>/` (the checkpoint, and `stage.json` with its steps,
+    dev accuracy and log); with `resume`, finished stages are loaded instead of retrained. Training batches
+    are indexed by the global step, so a resumed run trains exactly what an uninterrupted one does."""
+    from safetensors.torch import load_file, save_file
+
+    done, acc, stages = 0, None, []
+    for i, length in enumerate(_stage_lengths(cfg)):
+        d = _stage_dir(out, i)
+        if resume and (d / "stage.json").exists():
+            rec = json.loads((d / "stage.json").read_text())
+            if rec["length"] != length or rec["config"] != _config_record(cfg) or rec["seed"] != seed:
+                raise ValueError(f"{d} was written by another config or seed; rerun without --resume or with a fresh --out")
+            sd = load_file(str(d / "model.safetensors"))
+            _load_exact(llama, {k[len("codi.") :]: v for k, v in sd.items() if k.startswith("codi.")}, ignore={"lm_head.weight"})
+            _load_exact(prj, {k[len("prj.") :]: v for k, v in sd.items() if k.startswith("prj.")})
+            for r in rec["log"]:
+                log.append(r)
+                log_file.write(json.dumps(r) + "\n")
+            done, acc = done + rec["steps"], rec["dev_acc"]
+            stages.append({k: rec[k] for k in ("length", "steps", "dev_acc")})
+            continue
+        dev = D.dev_problems(length, cfg.dev_size)
+        start = n1 + done
+
+        def codi_step(step, length=length, start=start):
+            return codi_losses(llama, prj, D.train_batch(start + step, cfg.p2_batch, length, seed), cfg)
+
+        first = len(log)
+        n, acc = _loop(
+            "phase2-codi" if len(_stage_lengths(cfg)) == 1 else f"phase2-codi-len{length}",
+            list(llama.parameters()) + list(prj.parameters()),
+            codi_step,
+            lambda dev=dev: student_dev_accuracy(llama, prj, dev, cfg.num_latents),
+            lr=cfg.p2_lr,
+            max_steps=cfg.p2_max_steps,
+            target=cfg.p2_target,
+            cfg=cfg,
+            log=log,
+            log_file=log_file,
+            modules=[llama, prj],
+            schedule=cfg.p2_schedule,
+            min_lr_frac=cfg.p2_min_lr_frac,
+        )
+        done += n
+        stages.append({"length": length, "steps": n, "dev_acc": acc})
+        d.mkdir(parents=True, exist_ok=True)
+        save_file(checkpoint_state_dict(llama, prj), str(d / "model.safetensors"), metadata={"format": "pt"})
+        rec = {"length": length, "steps": n, "dev_acc": acc, "seed": seed, "config": _config_record(cfg), "log": log[first:]}
+        tmp = d / "stage.json.tmp"
+        tmp.write_text(json.dumps(rec) + "\n")
+        tmp.replace(d / "stage.json")  # written last: a stage without stage.json is retrained
+    return done, acc, stages
+
+
+def _config_record(cfg: TrainConfig) -> dict[str, Any]:
+    return json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in ("progress", "extra", "resume_phase1")}))
+
+
+def _load_exact(module: torch.nn.Module, state: dict[str, torch.Tensor], ignore: set[str] = frozenset()) -> None:
+    """Load `state` into `module`, refusing any missing (except `ignore`), unused or mis-shaped key."""
+    own = {k: v.shape for k, v in module.state_dict().items() if k not in ignore}
+    got = {k: v.shape for k, v in state.items()}
+    if own != got:
+        bad = sorted(k for k in set(own) & set(got) if own[k] != got[k])
+        raise ValueError(f"stage checkpoint mismatch: missing={sorted(set(own) - set(got))} unused={sorted(set(got) - set(own))} misshaped={bad}")
+    module.load_state_dict(state, strict=not ignore)
+
+
+def train(cfg: TrainConfig, out_dir: str | Path, seed: int = 0, resume: bool = False) -> TrainResult:
+    """Train `cfg` (phase 1 + phase 2 for "codi", or the direct baseline) and write its checkpoint to `out_dir`.
+
+    With `resume`, a phase-1 teacher in `<out>/phase1` and finished curriculum stages are reused."""
+    if cfg.objective != "direct":
+        _stage_lengths(cfg)  # refuse a bad curriculum before any work
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
     _seed_all(seed)
@@ -326,6 +417,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, seed: int = 0) -> TrainResult:
                 bot = ids.shape[1] - (cfg.task_steps + 8)  # after <bot>: n values, eot, The answer is : N </s>
                 return {"loss": lm_loss(llama(input_ids=ids).logits, ids, bot)}
 
+            if resume and not cfg.resume_phase1 and (out / "phase1" / "codi.json").exists():
+                cfg = dataclasses.replace(cfg, resume_phase1=str(out / "phase1"))
             if cfg.resume_phase1:
                 n1, acc1, t_p1, c_p1, log1 = _resume_phase1(llama, cfg, seed)
                 log.extend(log1)
@@ -362,29 +455,13 @@ def train(cfg: TrainConfig, out_dir: str | Path, seed: int = 0) -> TrainResult:
                     save_checkpoint(out / "phase1", llama, None, meta1, base_config)
                     (out / "phase1" / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
 
-            def codi_step(step):
-                return codi_losses(llama, prj, D.train_batch(n1 + step, cfg.p2_batch, cfg.task_steps, seed), cfg)
-
-            n2, acc2 = _loop(
-                "phase2-codi",
-                list(llama.parameters()) + list(prj.parameters()),
-                codi_step,
-                lambda: student_dev_accuracy(llama, prj, dev, cfg.num_latents),
-                lr=cfg.p2_lr,
-                max_steps=cfg.p2_max_steps,
-                target=cfg.p2_target,
-                cfg=cfg,
-                log=log,
-                log_file=log_file,
-                modules=[llama, prj],
-                schedule=cfg.p2_schedule,
-                min_lr_frac=cfg.p2_min_lr_frac,
-            )
+            n2, acc2, stages = _phase2(llama, prj, cfg, seed, n1, out, log, log_file, resume)
             steps = {"phase1": n1, "phase2": n2, "total": n1 + n2}
             accs = {
                 "teacher_dev_acc_end_phase1": acc1,
                 "student_dev_acc": acc2,
                 "teacher_dev_acc": teacher_dev_accuracy(llama.eval(), dev),
+                "phase2_stages": stages,
                 "phase1_wall_s": round(t_p1, 1),
                 "phase1_cpu_s": round(c_p1, 1),
             }

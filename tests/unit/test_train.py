@@ -196,3 +196,52 @@ def test_student_generate_matches_full_recompute(tok):
         ref2, _ = _full_recompute(llama, prj, tok, q, 6, override=override)
         assert g2.answer_ids == ref2
         torch.testing.assert_close(g2.latents, override)
+
+
+# ------------------------------------------------------------------ plain CODI with a curriculum over chain length
+
+
+def test_codi_curriculum_trains_each_stage_on_its_chain_length(tmp_path, monkeypatch):
+    """Stage i of `p2_curriculum` draws its batches at that chain length, from the global step after the
+    earlier stages, and evaluates on a dev set of that length."""
+    from interp.train import trainer
+    from interp.train.presets import get_preset, train_preset
+
+    calls = []
+    real = D.train_batch
+    monkeypatch.setattr(trainer.D, "train_batch", lambda step, n, steps=6, seed=0: calls.append((step, steps)) or real(step, n, steps, seed))
+    res = train_preset("micro-codi-curriculum", tmp_path, seed=0)
+    cfg = get_preset("micro-codi-curriculum")
+    n1 = res.meta["steps"]["phase1"]
+    p2 = [c for c in calls if c[0] >= n1]
+    assert p2 == [(n1 + i, 2) for i in range(6)] + [(n1 + 6 + i, 3) for i in range(6)]
+    assert [s["length"] for s in res.meta["dev"]["phase2_stages"]] == list(cfg.p2_curriculum) == [2, 3]
+    assert sorted({r["phase"] for r in res.log}) == ["phase1-teacher", "phase2-codi-len2", "phase2-codi-len3"]
+    assert res.meta["objective"]["name"] == "codi" and all("distill_steps" not in r for r in res.log)
+
+
+def test_codi_resume_equals_an_uninterrupted_run(tmp_path):
+    """Killed after stage 0 (stage 1's checkpoint missing): --resume reuses phase 1 and stage 0 and ends
+    with the same weights as an uninterrupted run."""
+    import shutil
+
+    from interp.train.presets import train_preset
+
+    full = train_preset("micro-codi-curriculum", tmp_path / "full", seed=4)
+    train_preset("micro-codi-curriculum", tmp_path / "part", seed=4)
+    shutil.rmtree(tmp_path / "part" / "phase2_stages" / "stage1")
+    resumed = train_preset("micro-codi-curriculum", tmp_path / "part", seed=4, resume=True)
+    a, b = full.llama.state_dict(), resumed.llama.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(x, y) for x, y in zip(full.prj.state_dict().values(), resumed.prj.state_dict().values(), strict=True))
+    assert [r["phase"] for r in resumed.log] == [r["phase"] for r in full.log]
+    with pytest.raises(ValueError, match="another config or seed"):
+        train_preset("micro-codi-curriculum", tmp_path / "part", seed=4, resume=True, p2_lr=1e-4)
+
+
+def test_codi_curriculum_must_end_at_the_task_length(tmp_path):
+    from interp.train.presets import train_preset
+
+    with pytest.raises(ValueError, match="ending at task_steps"):
+        train_preset("micro-codi-curriculum", tmp_path / "out", p2_curriculum=(2,))
+    assert not (tmp_path / "out").exists()  # refused before any work
