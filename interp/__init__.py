@@ -16,6 +16,7 @@ from interp.layout import SequenceLayout
 from interp.loading import CheckpointError, load_coconut, load_codi, load_default, load_model
 from interp.model import Generation, LatentModel, Trace
 from interp.patching import patch, patch_sites
+from interp.shipped import SHIPPED, load_shipped
 from interp.sweep import SweepConfig, run_sweep, sweep
 from interp.trace import PairTraces, trace_pair
 
@@ -51,6 +52,8 @@ __all__ = [
     "load_coconut",
     "load_codi",
     "load_default",
+    "load_shipped",
+    "SHIPPED",
     "load_model",
     "patch",
     "patch_sites",

@@ -18,7 +18,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model (default: the embedded model shipped with interp)")
+    g = p.add_argument_group("model (default: the most faithful shipped model that may serve as a default; it is named when it loads)")
+    g.add_argument("--model", default=None, help="a model shipped with interp, by name (interp.shipped.SHIPPED: aligned, coconut, coconut-stage3, ...; see the README's findings table)")
     g.add_argument(
         "--checkpoint",
         help="CODI or Coconut checkpoint (the family is read from its keys): a hub id (zen-E/CODI-gpt2, zen-E/CODI-llama3.2-1b-Instruct), "
@@ -37,7 +38,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="CODI only. LoRA alpha: not stored in checkpoints; official code default 16, released scripts 32 (default 32). The value used is printed when the model loads",
     )
-    g.add_argument("--num-latents", type=int, default=6, help="continuous thoughts (default 6; `generate` takes 0: no thoughts)")
+    g.add_argument("--num-latents", type=int, default=None, help="continuous thoughts (default: a shipped model's own, else 6; `generate` takes 0: no thoughts)")
     g.add_argument(
         "--remove-eos",
         action=argparse.BooleanOptionalAction,
@@ -53,25 +54,53 @@ def model_spec(args: argparse.Namespace):
     from interp.executor import ModelSpec
 
     if args.checkpoint is None and args.base is not None:
-        raise UsageError("--base needs --checkpoint (or give neither for the embedded model)")
+        raise UsageError("--base needs --checkpoint (or give neither for a shipped model)")
+    if args.model is not None and args.checkpoint is not None:
+        raise UsageError(f"--model {args.model} and --checkpoint {args.checkpoint}: give one (a shipped model by name, or a checkpoint)")
+    if args.checkpoint is not None:
+        checkpoint, num_latents = args.checkpoint, 6 if args.num_latents is None else args.num_latents
+    else:
+        checkpoint, num_latents = f"shipped:{_shipped_name(args)}", _shipped_model(args).num_latents
     return ModelSpec(
-        checkpoint=args.checkpoint or "embedded",
+        checkpoint=checkpoint,
         base=args.base,
         dtype=args.dtype,
         device=args.device or "auto",
         lora_alpha=args.lora_alpha,
-        num_latents=args.num_latents,
+        num_latents=num_latents,
         remove_eos=args.remove_eos,
         revision=args.revision,
         base_revision=args.base_revision,
     )
 
 
+def _shipped_name(args: argparse.Namespace) -> str:
+    """The shipped model the arguments name: --model, or the first default (`interp.shipped.defaults`)."""
+    from interp.shipped import SHIPPED, defaults
+
+    if args.model is None:
+        return defaults()[0]
+    if args.model not in SHIPPED:
+        raise UsageError(f"--model {args.model}: accepted: {', '.join(SHIPPED)}")
+    return args.model
+
+
+def _shipped_model(args: argparse.Namespace):
+    from interp.shipped import shipped
+
+    return shipped(_shipped_name(args))
+
+
 def load_model(args: argparse.Namespace):
     """The model the arguments name; its `load_options` are kept on `args` for `model_provenance`."""
     model = model_spec(args).load()
     o = model.load_options
-    if args.checkpoint is not None:
+    if args.checkpoint is None:
+        m = _shipped_model(args)
+        ok, why = m.qualification()
+        label = "forced by its training: a check of the tools, not a finding" if m.forced else "trained by the published objective alone"
+        print(f"model: shipped {m.name!r} ({m.objective}; {label}; {why}; card {m.card})")
+    else:
         base = o["base"]["ref"] if isinstance(o["base"], dict) else o["base"]
         if o["family"] == "codi":
             detail = f"lora_alpha {o['lora_alpha']:g} (LoRA rank {o['lora_rank']}; alpha is not stored in checkpoints: official code default 16, released scripts 32), remove_eos {o['remove_eos']}"
@@ -86,7 +115,8 @@ def load_model(args: argparse.Namespace):
 def model_provenance(args: argparse.Namespace) -> dict:
     """What run.json records about the model: the arguments, and the loader's options once loaded
     (resolved paths, hub commits, lora_alpha, num_latents, remove_eos, dtype)."""
-    out = {"checkpoint": args.checkpoint or "embedded", "base": args.base or "embedded", "lora_alpha": args.lora_alpha, "dtype": args.dtype}
+    shipped = None if args.checkpoint is not None else f"shipped:{_shipped_name(args)}"
+    out = {"checkpoint": args.checkpoint or shipped, "base": args.base or shipped, "lora_alpha": args.lora_alpha, "dtype": args.dtype}
     if getattr(args, "load_options", None) is not None:
         out["load_options"] = args.load_options
     return out
@@ -439,11 +469,9 @@ def check_model_args(args: argparse.Namespace) -> None:
     if args.num_latents is not None and args.num_latents < least:
         raise UsageError(f"--num-latents {args.num_latents}: accepted: {least} or more")
     if args.checkpoint is None and args.base is None:
-        from interp.loading import EMBEDDED_DIR
-
-        trained = json.loads((EMBEDDED_DIR / "codi.json").read_text())["num_latents"]
-        if args.num_latents not in (None, trained):
-            raise UsageError(f"--num-latents {args.num_latents}: the embedded model is trained with {trained} latents; accepted: {trained}, or --checkpoint/--base for another model")
+        m = _shipped_model(args)
+        if args.num_latents not in (None, m.num_latents):
+            raise UsageError(f"--num-latents {args.num_latents}: the shipped model {m.name!r} is trained with {m.num_latents}; accepted: {m.num_latents}, or --checkpoint/--base for another model")
     config = Path(args.base) / "config.json" if args.base is not None else None
     if config is not None and config.is_file():
         try:

@@ -362,22 +362,23 @@ def _provenance(found: Resolved | None, base_found: Resolved | None) -> dict[str
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "embedded"
 
 
-def load_default(*, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None) -> LatentModel:
-    """The embedded default model: a small CODI trained by the project (docs/embedded_model.md).
+def load_default(name: str | None = None, *, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None) -> LatentModel:
+    """A shipped model that may serve as a default (`interp.shipped`): `name`, or the most faithful one.
 
-    It ships inside the package in the official CODI format and loads through `load_codi`.
+    A default's accuracy stands at least 30 points above its controls and its thoughts carry the
+    answer (a swap gives the donor's answer in >= 80% of pairs). Today that is only "aligned", the
+    CODI trained with a per-step alignment term that forced its chain (docs/embedded_model.md); the
+    other shipped models load with `interp.load_shipped(name)`.
     """
-    import json
+    from interp.shipped import SHIPPED, defaults
 
-    meta_path = EMBEDDED_DIR / "codi.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"the embedded model is missing from {EMBEDDED_DIR}; rebuild it with `interp train --preset embedded --out {EMBEDDED_DIR}`")
-    meta = json.loads(meta_path.read_text())
-    return load_codi(
-        EMBEDDED_DIR / "model.safetensors",
-        EMBEDDED_DIR / "base",
-        num_latents=meta["num_latents"],
-        answer_prefix=meta["answer_prefix"],
-        dtype=dtype,
-        device=device or "cpu",
-    )
+    if name is None:
+        name = defaults()[0]
+    if name not in SHIPPED:
+        raise ValueError(f"no shipped model {name!r}; shipped: {', '.join(SHIPPED)}")
+    ok, why = SHIPPED[name].qualification()
+    if not ok:
+        raise ValueError(
+            f"the shipped model {name!r} may not serve as a default ({why}; a default needs +30 points over its controls and >= 80%); load it for study with interp.load_shipped({name!r})"
+        )
+    return SHIPPED[name].load(dtype=dtype, device=device)

@@ -41,7 +41,7 @@ def snapshot(directory) -> dict[str, bytes] | None:
     [
         (["--device", "tpu"], 2, "error: --device tpu: accepted: cpu, cuda, cuda:N"),
         (["--num-latents", "0"], 2, "error: --num-latents 0: accepted: 1 or more"),
-        (["--num-latents", "100"], 2, "error: --num-latents 100: the embedded model is trained with 6 latents; accepted: 6, or --checkpoint/--base for another model"),
+        (["--num-latents", "100"], 2, "error: --num-latents 100: the shipped model 'aligned' is trained with 6; accepted: 6, or --checkpoint/--base for another model"),
         (["--layers", "7"], 2, "error: --layers 7: 7 is not valid; accepted: 0,1,2,3"),
         (["--layers", "0,0"], 2, "error: --layers 0,0: 0 is listed twice; give each once"),
         (["--layers", "1,x"], 2, "error: --layers 1,x: accepted: comma-separated layer numbers, e.g. 0,2,3"),
