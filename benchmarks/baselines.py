@@ -21,6 +21,12 @@
 
 Sequence positions (0-based): question ids (with BOS) at 0..q-1, bot at q, latent t at q + 1 + t,
 eot at q + 1 + K, the tail after it.
+
+`nnsight_patch_batched` is the same patch written as nnsight recommends for many interventions: B
+tests as the rows of one batch in every traced pass (one input invoke of [B, n, d] embeddings, each
+row's patch an indexed write into its layer's output), one `DynamicCache` for the batch, rows of
+different lengths left-padded (prefix) and right-padded (tail) with an attention mask, the latent
+passes stopped after the final norm, logits computed from eot on only, and a batched greedy decode.
 """
 
 from __future__ import annotations
@@ -229,3 +235,190 @@ def nnsight_patch(
     cache.crop(eot + 1 - cache.get_seq_length())  # back to eot (a negative count removes)
     answer = codi._decode(logits[0], cache, max_new_tokens)
     return CodiRun(fed, logits[-1], answer)
+
+
+# ----------------------------------------------------------------------------- batched
+
+
+@dataclass
+class PatchTest:
+    """One row of `nnsight_patch_batched`: the arguments `nnsight_patch` takes for one test.
+
+    corrupted_ids: the corrupted question ids (with BOS); corrupted_latents [K, d]: the corrupted
+    run's fed latents; clean_outputs [seq, d]: the clean run's output of decoder layer `layer`
+    (the clean run's own positions); tail_ids: the teacher-forced tail after eot; latents: the
+    latent indices (0..K-1) patched.
+    """
+
+    corrupted_ids: Sequence[int]
+    corrupted_latents: Tensor
+    clean_outputs: Tensor
+    tail_ids: Sequence[int]
+    layer: int
+    latents: Sequence[int]
+
+
+#: layer -> (rows [m], chunk columns [m], values [m, d]): the writes one traced pass makes into that layer's output
+Patches = dict[int, tuple[Tensor, Tensor, Tensor]]
+
+
+@dataclass
+class _Layout:
+    """The columns of a batch of B rows: [question, bot] left-padded to `prefix` columns (so latent t
+    sits at column prefix + t and eot at column `eot` in every row), the tail right-padded.
+
+    mask [B, width]: 1 on a row's own tokens, 0 on its padding; position_ids [B, width]: each
+    row's own positions (0 at its first token; padding columns get 0 left, continue right);
+    n_prefix[b]: row b's question + bot length (its latent 0's position in its own run);
+    n_tail[b]: its tail length.
+    """
+
+    prefix: int
+    eot: int
+    width: int
+    n_prefix: list[int]
+    n_tail: list[int]
+    mask: Tensor
+    position_ids: Tensor
+
+    @classmethod
+    def of(cls, tests: Sequence[PatchTest], k: int, device: torch.device) -> _Layout:
+        n_prefix = [len(t.corrupted_ids) + 1 for t in tests]
+        n_tail = [len(t.tail_ids) for t in tests]
+        prefix = max(n_prefix)
+        eot = prefix + k
+        width = eot + 1 + max(n_tail)
+        cols = torch.arange(width, device=device)
+        pads = torch.tensor([prefix - n for n in n_prefix], device=device)[:, None]
+        ends = torch.tensor([eot + n for n in n_tail], device=device)[:, None]
+        mask = ((cols >= pads) & (cols <= ends)).long()
+        return cls(prefix, eot, width, n_prefix, n_tail, mask, (cols - pads).clamp(min=0))
+
+
+def _padded_embeds(codi: NnsightCodi, chunks: Sequence[Sequence[int]], width: int, *, left: bool) -> Tensor:
+    """Input embeddings [B, width, d] of one id chunk per row, zero-padded on the left or the right."""
+    emb = codi.hf.get_input_embeddings()
+    out = torch.zeros(len(chunks), width, emb.weight.shape[1], dtype=emb.weight.dtype, device=codi.device)
+    for b, ids in enumerate(chunks):
+        start = width - len(ids) if left else 0
+        out[b, start : start + len(ids)] = emb(torch.tensor(list(ids), device=codi.device))
+    return out
+
+
+def _patches(writes: Sequence[tuple[int, int, int, Tensor]], device: torch.device) -> Patches:
+    """Group (layer, row, column, value [d]) writes by layer: one indexed assignment per layer and pass."""
+    by_layer: dict[int, list[tuple[int, int, Tensor]]] = {}
+    for layer, row, col, value in writes:
+        by_layer.setdefault(layer, []).append((row, col, value))
+    return {
+        layer: (torch.tensor([r for r, _, _ in w], device=device), torch.tensor([c for _, c, _ in w], device=device), torch.stack([v for _, _, v in w]).to(device)) for layer, w in by_layer.items()
+    }
+
+
+def _batched_pass(codi: NnsightCodi, embeds: Tensor, cache: DynamicCache, mask: Tensor, position_ids: Tensor, patches: Patches, logits_to_keep: int | None) -> tuple[Tensor, Tensor | None]:
+    """One traced pass of B rows, embeds [B, n, d], after the cached columns.
+
+    mask [B, cached + n]: the attention mask of every column so far; position_ids [B, n]; patches:
+    written into the layers' outputs (in layer order, as the pass reaches them). logits_to_keep:
+    the logits of the last that many columns are computed (HF's `logits_to_keep`) and returned,
+    [B, logits_to_keep, vocab]; None: the pass stops after the final norm (`tracer.stop()`: no
+    lm_head) and returns None. Returns (the final-normed state at the last column [B, d], logits).
+    """
+    logits = None
+    with codi.model.trace(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=logits_to_keep or 1) as tracer:
+        for layer in sorted(patches):
+            rows, cols, values = patches[layer]
+            codi.layers[layer].output[rows, cols] = values
+        final = codi.norm.output[:, -1].save()
+        if logits_to_keep is None:
+            tracer.stop()
+        else:
+            logits = codi.model.output.logits.save()
+    return final, logits
+
+
+def _batched_decode(codi: NnsightCodi, first_logits: Tensor, cache: DynamicCache, mask: Tensor, next_positions: Tensor, max_new_tokens: int) -> list[list[int]]:
+    """Greedy decode of B rows from their logits at eot [B, vocab], on a cache that ends at eot (ids < eot only).
+
+    mask [B, eot + 1]: the cache's attention mask; next_positions [B]: each row's position of its
+    first generated token. All B rows are fed until every row has reached eos or max_new_tokens; a
+    finished row keeps being fed its argmax but its ids stop growing (its outputs are ignored).
+    """
+    answers: list[list[int]] = [[] for _ in range(first_logits.shape[0])]
+    done = [False] * len(answers)
+    logits, positions = first_logits, next_positions[:, None]
+    for _ in range(max_new_tokens):
+        ids = logits[:, : codi.eot_id].argmax(-1)
+        for b, token in enumerate(ids.tolist()):
+            if not done[b]:
+                answers[b].append(token)
+                done[b] = token == codi.eos_id or len(answers[b]) == max_new_tokens
+        if all(done):
+            break
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        embeds = codi.hf.get_input_embeddings()(ids[:, None])
+        logits = codi.hf(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True).logits[:, -1]
+        positions = positions + 1
+    return answers
+
+
+@torch.no_grad()
+def nnsight_patch_batched(codi: NnsightCodi, tests: Sequence[PatchTest], *, strategy: str, max_new_tokens: int = MAX_NEW_TOKENS) -> list[CodiRun]:
+    """`nnsight_patch` for B tests at once, each test a row of the same batch in every forward pass.
+
+    This is nnsight's documented way to run many interventions: batch the inputs into one trace
+    ("reduce loops with batching"); a plain `NNsight` wrapper takes one input invoke (several
+    `tracer.invoke`s need a model class with `_batch`), so the B rows go in as one [B, n, d]
+    `inputs_embeds` and each row's patch is an indexed write, `layers[L].output[rows, cols] = values`
+    (one write per distinct layer in the pass, in layer order), so every row has its own layer and
+    positions. One `DynamicCache` of batch B holds every row.
+
+    Rows of different lengths share one batch: [question, bot] is left-padded so every row's latent
+    t sits in the same column (and eot), the tail is right-padded; padding is zeros, masked out by the
+    attention mask, and `position_ids` keep each row at its own positions (as `generate` does with a
+    left-padded batch). Causal attention keeps right padding out of every real column; the cache is
+    cropped back to eot before the decode.
+
+    "parallel": one traced pass over [B, width] (logits computed from eot on only); "iterative": one
+    pass over [question, bot] of all rows, one pass of B rows per latent t (rows with t in their set
+    patch their layer's output there; latent t + 1 = prj(final-normed state), per row; these passes
+    stop after the norm), then the tail pass. The greedy decode is batched too (`_batched_decode`:
+    finished rows keep being fed, their outputs ignored). Every test needs the same number of
+    latents K. Returns one `CodiRun` per test, in order: latents fed [K, d], logits at the last tail
+    position [vocab], answer ids.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; use one of {STRATEGIES}")
+    if not tests:
+        return []
+    k = tests[0].corrupted_latents.shape[0]
+    for test in tests:
+        if test.corrupted_latents.shape[0] != k:
+            raise ValueError(f"tests of one batch need the same number of latents: {test.corrupted_latents.shape[0]} and {k}")
+        if not 0 <= test.layer < codi.n_layers:
+            raise ValueError(f"layer {test.layer} out of range: the model has layers 0..{codi.n_layers - 1}")
+        if any(not 0 <= t < k for t in test.latents):
+            raise ValueError(f"latent indices {list(test.latents)} out of range 0..{k - 1}")
+    dev = codi.device
+    lay = _Layout.of(tests, k, dev)
+    prefix = _padded_embeds(codi, [[*t.corrupted_ids, codi.bot_id] for t in tests], lay.prefix, left=True)
+    tail = _padded_embeds(codi, [[codi.eot_id, *t.tail_ids] for t in tests], lay.width - lay.eot, left=False)
+    cache = DynamicCache()
+    if strategy == "parallel":
+        fed = torch.stack([t.corrupted_latents for t in tests]).to(prefix)
+        writes = [(t.layer, b, lay.prefix + i, t.clean_outputs[lay.n_prefix[b] + i]) for b, t in enumerate(tests) for i in t.latents]
+        embeds = torch.cat([prefix, fed, tail], dim=1)
+        _, logits = _batched_pass(codi, embeds, cache, lay.mask, lay.position_ids, _patches(writes, dev), logits_to_keep=lay.width - lay.eot)
+    else:
+        final, _ = _batched_pass(codi, prefix, cache, lay.mask[:, : lay.prefix], lay.position_ids[:, : lay.prefix], {}, logits_to_keep=None)
+        steps = []
+        for i in range(k):
+            steps.append(codi.prj(final))
+            col = lay.prefix + i
+            writes = [(t.layer, b, 0, t.clean_outputs[lay.n_prefix[b] + i]) for b, t in enumerate(tests) if i in t.latents]
+            final, _ = _batched_pass(codi, steps[-1][:, None], cache, lay.mask[:, : col + 1], lay.position_ids[:, col : col + 1], _patches(writes, dev), logits_to_keep=None)
+        _, logits = _batched_pass(codi, tail, cache, lay.mask, lay.position_ids[:, lay.eot :], {}, logits_to_keep=lay.width - lay.eot)
+        fed = torch.stack(steps, dim=1)
+    cache.crop(lay.eot + 1 - cache.get_seq_length())  # back to eot: the tail (and its right padding) goes (a negative count removes)
+    answers = _batched_decode(codi, logits[:, 0], cache, lay.mask[:, : lay.eot + 1], lay.position_ids[:, lay.eot] + 1, max_new_tokens)
+    return [CodiRun(fed[b], logits[b, lay.n_tail[b]], answers[b]) for b in range(len(tests))]  # the last tail column, counted from eot

@@ -6,6 +6,12 @@ the whole sequence so far at every latent step, and the greedy decode recomputes
 for every generated token. The fast engine is `interp.engine` (prefix reuse, batched tests). Both feed
 the same `interp.score.unit_rows` scoring; every row and the answer logits are compared.
 
+Peers, on the same subset of about --naive-tests tests, each compared with the engine's logits and printed
+as `vs <peer>: <ratio>x`: `one-at-a-time` (`interp.patch_sites`, one call per test) and, with --model
+smollm2, the nnsight baselines on the plain transformers + peft model (benchmarks/baselines.py):
+`nnsight` (one test per traced pass) and `nnsight (batched)` (the engine's batch size of tests as the
+rows of each traced pass, one KV cache for the batch, rows of different lengths padded).
+
 Reported: tests/s of each (a test = one row: one pair, layer, latent set and strategy, patched and
 scored; tests that are the same patched run, a cumulative set equal to a single latent or to the
 all set, are counted as tests but their FLOPs once), the speed-up, peak memory, and the fraction of
@@ -43,7 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from benchmarks.baselines import nnsight_patch
+from benchmarks.baselines import PatchTest, nnsight_patch, nnsight_patch_batched
 from benchmarks.models import MODELS, bench_pairs, build_model
 from benchmarks.naive import naive_patch
 from interp.engine import STRATEGIES, Job
@@ -156,40 +162,65 @@ def one_at_a_time(model: LatentModel, pt, site, strategy: str, family: str):
 
 
 class NnsightPeer:
-    """The nnsight baseline (benchmarks/baselines.py) on the plain transformers + peft model: the clean
-    run's layer outputs once per pair (its own clean run), then one nnsight patch per test."""
+    """The nnsight baselines (benchmarks/baselines.py) on the plain transformers + peft model: the clean
+    run's layer outputs once per pair (its own clean run), then either one nnsight patch per test
+    (`__call__`, run_engine's `patch_one`) or a batch of tests as the rows of each traced pass
+    (`batch`, run_engine's `patch_batch`: `nnsight_patch_batched`, one call per strategy)."""
 
     def __init__(self, model: LatentModel, peer):
         self.model, self.peer = model, peer
         self.clean: dict[str, Tensor] = {}  # pair id -> the clean run's layer outputs [n_layers, seq, d]
 
-    def __call__(self, model: LatentModel, pt, site, strategy: str, family: str):
-        from interp.engine import PatchResult
-
+    def _test(self, pt, site) -> PatchTest:
         layout = pt.corrupted.layout
         tail = pt.corrupted.tokens[layout.eot + 1 :].tolist()
         if pt.pair.id not in self.clean:
             self.clean[pt.pair.id] = self.peer.run(pt.clean.generation.question_ids.tolist(), tail).layer_outputs
+        layer = layer_of(site.hook)
         latents = [layout.latent_positions.index(p) for p in site.positions]
-        run = nnsight_patch(
-            self.peer,
-            pt.corrupted.generation.question_ids.tolist(),
-            pt.corrupted.latents,
-            self.clean[pt.pair.id][layer_of(site.hook)],
-            tail,
-            layer=layer_of(site.hook),
-            latents=latents,
-            strategy=strategy,
-        )
+        return PatchTest(pt.corrupted.generation.question_ids.tolist(), pt.corrupted.latents, self.clean[pt.pair.id][layer], tail, layer, latents)
+
+    @staticmethod
+    def _result(run):
+        from interp.engine import PatchResult
+
         return PatchResult(answer_logits=run.logits, next_logits=run.logits, latents=run.latents, cache=None, generation=None)
+
+    def __call__(self, model: LatentModel, pt, site, strategy: str, family: str):
+        t = self._test(pt, site)
+        run = nnsight_patch(self.peer, t.corrupted_ids, t.corrupted_latents, t.clean_outputs, t.tail_ids, layer=t.layer, latents=t.latents, strategy=strategy)
+        return self._result(run)
+
+    def batch(self, model: LatentModel, jobs: Sequence[tuple[Any, Any, str]]) -> list:
+        """The results of (pair traces, site, strategy) jobs, in order: the jobs of each strategy as one batch."""
+        tests = [self._test(pt, site) for pt, site, _ in jobs]
+        results: list = [None] * len(jobs)
+        for strategy in dict.fromkeys(s for _, _, s in jobs):
+            idx = [i for i, (_, _, s) in enumerate(jobs) if s == strategy]
+            for i, run in zip(idx, nnsight_patch_batched(self.peer, [tests[i] for i in idx], strategy=strategy)):
+                results[i] = self._result(run)
+        return results
 
 
 def run_engine(
-    name: str, model: LatentModel, traces, config, *, batch_size: int | None, keep_logits: dict | None, compare_logits: dict | None, progress: bool, only: set | None = None, patch_one=None
+    name: str,
+    model: LatentModel,
+    traces,
+    config,
+    *,
+    batch_size: int | None,
+    keep_logits: dict | None,
+    compare_logits: dict | None,
+    progress: bool,
+    only: set | None = None,
+    patch_one=None,
+    patch_batch=None,
 ) -> tuple[EngineRun, float]:
     """Run every test of the sweep (or the units in `only`) with one engine: "fast" (the engine, batched),
-    or one test per call with `patch_one(model, pt, site, strategy, family)` (the baselines). Returns the
-    run and the max abs diff of the scored token's logits (next_logits) vs `compare_logits`."""
+    one test per call with `patch_one(model, pt, site, strategy, family)` (the baselines), or, with
+    `patch_batch(model, [(pt, site, strategy), ...])`, the tests of `batch_size` units per call (a batched
+    baseline; units in sweep order). Returns the run and the max abs diff of the scored token's logits
+    (next_logits) vs `compare_logits`."""
     rows: dict[str, dict[str, Any]] = {}
     n_tests = 0
     metrics = default_metrics(config.family)
@@ -205,6 +236,8 @@ def run_engine(
         patcher = sweep_patcher(model, traces, config, batch_size)
         units.sort(key=batch_order)
         batches = [units[i : i + patcher.batch_size] for i in range(0, len(units), patcher.batch_size)]
+    elif patch_batch is not None:
+        batches = [units[i : i + batch_size] for i in range(0, len(units), batch_size)]
     else:
         batches = [[u] for u in units]
     for n, batch in enumerate(batches):
@@ -212,6 +245,8 @@ def run_engine(
         jobs = [(u, s, latent_sites(traces[u.pair_index].corrupted, config.hook_name(u.layer), u.latents)) for u in batch for s in config.strategies]
         if name == "fast":
             results = patcher.run([Job((site,), s, pair=u.pair_index) for u, s, site in jobs])
+        elif patch_batch is not None:
+            results = patch_batch(model, [(traces[u.pair_index], site, s) for u, s, site in jobs])
         else:
             results = [patch_one(model, traces[u.pair_index], site, s, config.family) for u, s, site in jobs]
         _sync(model.device)
@@ -236,7 +271,7 @@ def run_engine(
             if all(r.cache is not None for r in by_strategy.values()):  # peers without activations give logits only
                 for row in unit_rows(pt, u, config.hook_name(u.layer), by_strategy, metrics, family=config.family):
                     rows[row["test_id"]] = row
-        if progress and (name == "fast" or n % 10 == 9 or n == len(batches) - 1):
+        if progress and (name == "fast" or patch_batch is not None or n % 10 == 9 or n == len(batches) - 1):
             print(f"  {name}: batch {n + 1}/{len(batches)}, {n_tests} tests, {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     _sync(model.device)
     return EngineRun(name, n_tests, time.perf_counter() - t0, patch_s, rows, flops, len(runs)), max_diff
@@ -324,7 +359,7 @@ def bench_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     else:
         model = build_model(args.model, dtype=dtype, device=device)
     load_s = time.perf_counter() - t0
-    peer, why_no_peer = None, ""
+    peer, batched_peer, why_no_peer = None, None, ""
     if args.model != "smollm2":
         why_no_peer = "the nnsight baseline needs the checkpoint's HF model: --model smollm2"
     elif config_family(args.hook) != "hook_resid_post" or dtype != torch.float32 or args.strategies.replace("parallel", "").replace("iterative", "").strip(","):
@@ -332,7 +367,8 @@ def bench_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     else:
         from benchmarks.baselines import NnsightCodi
 
-        peer = NnsightPeer(model, NnsightCodi.from_checkpoint(state, hf.to(device), tokenizer, num_latents=model.num_latents))
+        codi = NnsightCodi.from_checkpoint(state, hf.to(device), tokenizer, num_latents=model.num_latents)
+        peer, batched_peer = NnsightPeer(model, codi), NnsightPeer(model, codi)  # each runs its own clean runs
     layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
     config = SweepConfig(hook=args.hook, strategies=tuple(args.strategies.split(",")), kinds=tuple(args.kinds.split(",")), layers=layers, seed=args.seed)
     for s in config.strategies:
@@ -344,11 +380,15 @@ def bench_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     trace_s = time.perf_counter() - t0
     layout_gain = layout_speedup(model, traces[0])
     n_naive = len(traces) if args.naive_pairs is None else min(args.naive_pairs, len(traces))
-    only = None
-    if args.naive_tests:
-        every = [Unit(pi, layer, kind, latents) for pi, pt in enumerate(traces[:n_naive]) for layer, kind, latents in _units(config, pt, model)]
-        n_units = max(1, min(len(every), round(args.naive_tests / len(config.strategies))))
-        only = {every[round(i * (len(every) - 1) / max(1, n_units - 1))] for i in range(n_units)}
+    every = [Unit(pi, layer, kind, latents) for pi, pt in enumerate(traces[:n_naive]) for layer, kind, latents in _units(config, pt, model)]
+
+    def spread(n_units: int) -> set[Unit] | None:
+        """About `n_units` units spread evenly over the sweep (None: all of them)."""
+        if n_units >= len(every):
+            return None
+        return {every[round(i * (len(every) - 1) / max(1, n_units - 1))] for i in range(max(1, n_units))}
+
+    only = spread(round(args.naive_tests / len(config.strategies))) if args.naive_tests else None
     cfg = model.cfg
     shape = f"{cfg.n_layers} layers, d_model {cfg.d_model}, heads {cfg.n_heads}/{cfg.n_key_value_heads}, d_mlp {cfg.d_mlp}, vocab {cfg.d_vocab}"
     print(f"model {args.model}: {shape}, {args.dtype} on {device} ({torch.get_num_threads()} CPU threads); loaded in {load_s:.1f} s")
@@ -366,9 +406,14 @@ def bench_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     fast_layout(model)
     gc.collect()
     fast, logit_diff = run_engine("fast", model, traces, config, batch_size=args.batch_size, keep_logits=fast_logits, compare_logits=naive_logits, progress=not args.quiet)
+    batch = sweep_patcher(model, traces, config, args.batch_size).batch_size  # rows per forward: the batched peer's too
     peers = [run_engine("one-at-a-time", model, traces[:n_naive], config, batch_size=None, keep_logits=None, compare_logits=fast_logits, progress=not args.quiet, only=only, patch_one=one_at_a_time)]
     if peer is not None:
-        peers.append(run_engine("nnsight", model, traces[:n_naive], config, batch_size=None, keep_logits=None, compare_logits=fast_logits, progress=not args.quiet, only=only, patch_one=peer))
+        peer_args = dict(keep_logits=None, compare_logits=fast_logits, progress=not args.quiet, only=only)
+        peers.append(run_engine("nnsight", model, traces[:n_naive], config, batch_size=None, patch_one=peer, **peer_args))
+        # full batches: at least one batch of `batch` units (rows of each strategy), spread over the sweep like the others
+        peer_args["only"] = spread(max(batch, len(only) if only is not None else len(every))) if args.naive_tests else None
+        peers.append(run_engine("nnsight (batched)", model, traces[:n_naive], config, batch_size=batch, patch_batch=batched_peer.batch, **peer_args))
     cmp = compare_rows(naive.rows, fast.rows)
     peak = matmul_flops_per_s(model)
     naive_rate, fast_rate = naive.tests / naive.seconds, fast.tests / fast.seconds
@@ -376,12 +421,11 @@ def bench_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     scale = max(float(pt.corrupted.next_logits.float().abs().max()) for pt in traces)
     rel_diff = logit_diff / scale
     agree = rel_diff < REL_TOL.get(dtype, math.inf) and cmp["answers_differ"] == 0 and cmp["tests"] == naive.tests
-    batch = sweep_patcher(model, traces, config, args.batch_size).batch_size
     for run in (naive, *(p for p, _ in peers), fast):
         achieved = run.flops / run.patch_seconds
         efficiency = f"; needed {run.flops / run.runs / 1e9:.3f} GFLOP/run, achieved {achieved / 1e9:.2f} GFLOP/s = {100 * achieved / peak:.2f}% of ideal" if run.flops else ""
         print(
-            f"{run.name:>13}: {run.tests} tests ({run.runs} distinct runs) in {run.seconds:.2f} s = {run.tests / run.seconds:.2f} tests/s "
+            f"{run.name:>17}: {run.tests} tests ({run.runs} distinct runs) in {run.seconds:.2f} s = {run.tests / run.seconds:.2f} tests/s "
             f"(patching {run.patch_seconds:.2f} s, scoring {run.seconds - run.patch_seconds:.2f} s){efficiency}"
         )
     for run, diff in peers:

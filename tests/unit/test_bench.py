@@ -36,3 +36,42 @@ def test_bench_is_a_module_of_the_checkout(capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench_main(["--help"])
     assert exit_info.value.code == 0 and "usage: python -m benchmarks.bench" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def tiny_peer_bench(tiny_codi):
+    """The tiny Llama-3.2 CODI as the bench builds --model smollm2: the engine's model through `load_codi`,
+    the nnsight peer from the same checkpoint and HF model; two pairs traced, the engine's logits of every test."""
+    pytest.importorskip("nnsight", reason="the nnsight baseline needs the bench extra: pip install -e '.[bench]'")
+    import torch
+
+    from benchmarks.baselines import NnsightCodi
+    from benchmarks.bench import run_engine
+    from benchmarks.models import bench_pairs
+    from interp.loading import load_codi
+    from interp.sweep import SweepConfig
+    from interp.trace import trace_pair
+
+    _, base, tokenizer, paths = tiny_codi
+    state = torch.load(paths["bin"], weights_only=True)
+    model = load_codi(state, (base, tokenizer), device="cpu")
+    codi = NnsightCodi.from_checkpoint(state, base, tokenizer, num_latents=model.num_latents)
+    traces = [trace_pair(model, p) for p in bench_pairs(model, 2)]
+    config = SweepConfig(hook="resid_post", strategies=("parallel", "iterative"), kinds=("single", "all"), layers=(0, 2))
+    fast_logits: dict = {}
+    run_engine("fast", model, traces, config, batch_size=5, keep_logits=fast_logits, compare_logits=None, progress=False)
+    return model, codi, traces, config, fast_logits
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_bench_nnsight_peers_agree_with_the_engine(tiny_peer_bench):
+    """`nnsight` (one test per trace) and `nnsight (batched)` (batches of 5 units: rows mixing pairs, layers and
+    latent sets) run the same tests as bench_main runs them and agree with the engine's scored logits."""
+    from benchmarks.bench import NnsightPeer, run_engine
+
+    model, codi, traces, config, fast_logits = tiny_peer_bench
+    kwargs = dict(keep_logits={}, compare_logits=fast_logits, progress=False)
+    per_test, per_test_diff = run_engine("nnsight", model, traces, config, batch_size=None, patch_one=NnsightPeer(model, codi), **kwargs)
+    batched, batched_diff = run_engine("nnsight (batched)", model, traces, config, batch_size=5, patch_batch=NnsightPeer(model, codi).batch, **kwargs)
+    assert per_test.tests == batched.tests == len(fast_logits) == 2 * 2 * 7 * 2  # pairs x layers x (6 single + all) x strategies
+    assert per_test_diff < 1e-4 and batched_diff < 1e-4
