@@ -18,8 +18,8 @@ PRESETS: dict[str, TrainConfig] = {
     # Not trained in this repository yet (CPU budget); `interp train --preset codi --out DIR` trains it.
     "codi": TrainConfig(name="codi", p2_max_steps=1200, step_distill=False),
     # The published objective with a curriculum over chain length (issue #21): phase 1 as "embedded", then phase 2
-    # on 2-step chains, then 3, ..., 6 (6 latents throughout; each stage up to 350 steps or 99% dev accuracy).
-    "codi-curriculum": TrainConfig(name="codi-curriculum", p2_max_steps=350, step_distill=False, p2_curriculum=(2, 3, 4, 5, 6)),
+    # on 2-step chains, then 3, ..., 6 (6 latents throughout; each stage up to 250 steps or 99% dev accuracy).
+    "codi-curriculum": TrainConfig(name="codi-curriculum", p2_max_steps=250, step_distill=False, p2_curriculum=(2, 3, 4, 5, 6)),
     # A 2-layer d=32 model, a few dozen steps: for tests (< 30 s).
     "micro": TrainConfig(
         name="micro",

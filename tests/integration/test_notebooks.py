@@ -26,7 +26,7 @@ def kernel_path(tmp_path_factory) -> str:
 
 
 def test_notebooks_exist():
-    assert [p.name for p in NOTEBOOKS] == ["01_load_and_think.ipynb", "02_patching.ipynb", "03_heatmaps.ipynb", "04_what_latents_hold.ipynb"]
+    assert [p.name for p in NOTEBOOKS] == ["01_load_and_think.ipynb", "02_patching.ipynb", "03_heatmaps.ipynb", "04_what_latents_hold.ipynb", "05_why_an_earlier_study_saw_no_difference.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
