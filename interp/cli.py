@@ -397,6 +397,18 @@ def cmd_train(args: argparse.Namespace) -> None:
         cli_train_coconut(args.objective, args.out, preset, args.seed, args.resume)
 
 
+def cmd_findings(args: argparse.Namespace) -> None:
+    """`interp findings [--write README.md]`: the table from each shipped model's metrics, study and analysis files."""
+    from interp.findings import findings_table, write_table
+
+    table = findings_table()
+    if args.write:
+        write_table(args.write, table)
+        print(f"wrote the findings table into {args.write}")
+    else:
+        print(table)
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -540,6 +552,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("findings", help="the findings table (a row per question, a column per shipped model) from the models' result files")
+    p.add_argument("--write", default=None, metavar="README.md", help="replace the table block in this file instead of printing it")
+    p.set_defaults(func=cmd_findings)
 
     return ap
 

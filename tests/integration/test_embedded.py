@@ -103,3 +103,20 @@ def test_user_hooks_at_absolute_positions_work_through_generate_trace_and_run_wi
     torch.testing.assert_close(traced.next_logits, expected[0, -1], rtol=0, atol=1e-5)
     _, cache = model.run_with_cache(question, fwd_hooks=[hook], names_filter="blocks.2.hook_resid_post")
     assert list(cache.keys()) == ["blocks.2.hook_resid_post"] and float(cache["blocks.2.hook_resid_post"][0, pos].abs().max()) == 0.0
+
+
+def test_batched_measure_equals_the_cards_batch_one_evaluation():
+    """`measure_batched` (batched latent loop, teacher-forced answer check) gives the card's numbers, which
+    `evaluate_model` measured one problem at a time with greedy decoding."""
+    import json
+
+    from interp.loading import EMBEDDED_DIR
+    from interp.train.evaluate import measure_batched
+    from interp.train.modeling import load_checkpoint
+
+    card = json.loads((EMBEDDED_DIR / "metrics.json").read_text())
+    llama, prj = load_checkpoint(EMBEDDED_DIR / "model.safetensors", EMBEDDED_DIR / "base")
+    m = measure_batched(llama, prj, n_pairs=200)
+    for key in ("student_accuracy", "zeroed_latents_accuracy", "mean_latents_accuracy"):
+        assert round(m[key] * 1000) == round(card[key] * 1000), key  # counts out of 1,000
+    assert m["swap"]["clean_answer_rate"] > 0.95 and m["swap"]["corrupted_answer_rate"] < 0.02
