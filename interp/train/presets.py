@@ -20,6 +20,24 @@ PRESETS: dict[str, TrainConfig] = {
     # The published objective with a curriculum over chain length (issue #21): phase 1 as "embedded", then phase 2
     # on 2-step chains, then 3, ..., 6 (6 latents throughout; each stage up to 250 steps or 99% dev accuracy).
     "codi-curriculum": TrainConfig(name="codi-curriculum", p2_max_steps=250, step_distill=False, p2_curriculum=(2, 3, 4, 5, 6)),
+    # Liang & Pan 2026's from-scratch CODI settings where this trainer has them (3 layers, 2 heads, d 128, no LoRA,
+    # lr 3e-4 cosine with 3% warm-up, weight decay 0.1, batch 256) on their chain length (3 steps); Llama-shaped, not
+    # GPT-2, and prj hidden = d (128, not 256). Its control: "direct-3step".
+    "codi-3step": TrainConfig(
+        name="codi-3step",
+        task_steps=3,
+        num_layers=3,
+        num_heads=2,
+        num_kv_heads=2,
+        intermediate_size=512,
+        weight_decay=0.1,
+        warmup_steps=36,
+        p2_batch=256,
+        p2_lr=3e-4,
+        p2_max_steps=1200,
+        p2_min_lr_frac=0.0,
+        step_distill=False,
+    ),
     # A 2-layer d=32 model, a few dozen steps: for tests (< 30 s).
     "micro": TrainConfig(
         name="micro",
@@ -49,6 +67,7 @@ PRESETS: dict[str, TrainConfig] = {
 }
 
 
+PRESETS["direct-3step"] = dataclasses.replace(PRESETS["codi-3step"], name="direct-3step", objective="direct", direct_steps=2000)  # >= the codi run's steps
 PRESETS["micro-codi"] = dataclasses.replace(PRESETS["micro"], name="micro-codi", step_distill=False)  # the published CODI objective, for tests
 PRESETS["micro-codi-curriculum"] = dataclasses.replace(PRESETS["micro-codi"], name="micro-codi-curriculum", p2_max_steps=6, p2_curriculum=(2, 3))
 
