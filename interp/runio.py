@@ -314,7 +314,8 @@ def weights_sha256(model: Any) -> str:
         for name, p in sorted(module.state_dict().items()):
             t = p.detach().cpu().contiguous()
             h.update(f"{prefix}{name}\0{tuple(t.shape)}\0{t.dtype}\n".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            # reshape(-1): a 0-dim tensor's bytes too (attention's IGNORE buffer); the same bytes otherwise
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 

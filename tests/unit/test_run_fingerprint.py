@@ -166,3 +166,23 @@ def test_model_fingerprint_follows_content_dtype_and_loading_options(tiny_codi, 
     copy.write_bytes(paths["safetensors"].read_bytes())
     c = model_fingerprint(load_codi(copy, (base, tok), device="cpu"))
     assert fingerprint_diff(a, c) == []  # the same content at another path is the same experiment
+
+
+def test_weights_fingerprint_of_a_model_built_in_memory(tiny_codi):
+    """A HookedTransformer holds 0-dim buffers (attention's IGNORE): the weights hash covers them, and
+    changes when any parameter does."""
+    import torch
+
+    from interp.runio import weights_sha256
+
+    _, base, tok, paths = tiny_codi
+    tiny_model = load_codi(paths["safetensors"], (base, tok), device="cpu")
+    assert any(t.dim() == 0 for t in tiny_model.model.state_dict().values())
+    before = weights_sha256(tiny_model)
+    with torch.no_grad():
+        p = next(tiny_model.model.parameters())
+        orig = p.view(-1)[0].clone()
+        p.view(-1)[0] += 1.0
+        after = weights_sha256(tiny_model)
+        p.view(-1)[0] = orig
+    assert before != after and weights_sha256(tiny_model) == before
