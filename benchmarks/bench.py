@@ -37,6 +37,7 @@ through `load_codi`), `full-size` (random weights with exactly CODI-LLaMA-1B's s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import math
 import resource
@@ -52,7 +53,7 @@ from torch import Tensor
 from benchmarks.baselines import PatchTest, nnsight_patch, nnsight_patch_batched
 from benchmarks.models import MODELS, bench_pairs, build_model
 from benchmarks.naive import naive_patch
-from interp.engine import STRATEGIES, Job
+from interp.engine import STRATEGIES, EngineOptions, Job
 from interp.hooks import layer_of
 from interp.model import LatentModel, fast_layout
 from interp.patching import latent_sites, patch_sites
@@ -215,6 +216,7 @@ def run_engine(
     only: set | None = None,
     patch_one=None,
     patch_batch=None,
+    options: EngineOptions | None = None,
 ) -> tuple[EngineRun, float]:
     """Run every test of the sweep (or the units in `only`) with one engine: "fast" (the engine, batched),
     one test per call with `patch_one(model, pt, site, strategy, family)` (the baselines), or, with
@@ -232,8 +234,9 @@ def run_engine(
         units = [u for u in units if u in only]
     _sync(model.device)
     t0 = time.perf_counter()
-    if name == "fast":  # one engine over every pair: batches mix pairs, late-starting units together
-        patcher = sweep_patcher(model, traces, config, batch_size)
+    engine = patch_one is None and patch_batch is None  # "fast" and its ablations (`options`)
+    if engine:  # one engine over every pair: batches mix pairs, late-starting units together
+        patcher = sweep_patcher(model, traces, config, batch_size, options)
         units.sort(key=batch_order)
         batches = [units[i : i + patcher.batch_size] for i in range(0, len(units), patcher.batch_size)]
     elif patch_batch is not None:
@@ -243,7 +246,7 @@ def run_engine(
     for n, batch in enumerate(batches):
         t1 = time.perf_counter()
         jobs = [(u, s, latent_sites(traces[u.pair_index].corrupted, config.hook_name(u.layer), u.latents)) for u in batch for s in config.strategies]
-        if name == "fast":
+        if engine:
             results = patcher.run([Job((site,), s, pair=u.pair_index) for u, s, site in jobs])
         elif patch_batch is not None:
             results = patch_batch(model, [(traces[u.pair_index], site, s) for u, s, site in jobs])
@@ -271,7 +274,7 @@ def run_engine(
             if all(r.cache is not None for r in by_strategy.values()):  # peers without activations give logits only
                 for row in unit_rows(pt, u, config.hook_name(u.layer), by_strategy, metrics, family=config.family):
                     rows[row["test_id"]] = row
-        if progress and (name == "fast" or patch_batch is not None or n % 10 == 9 or n == len(batches) - 1):
+        if progress and (engine or patch_batch is not None or n % 10 == 9 or n == len(batches) - 1):
             print(f"  {name}: batch {n + 1}/{len(batches)}, {n_tests} tests, {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     _sync(model.device)
     return EngineRun(name, n_tests, time.perf_counter() - t0, patch_s, rows, flops, len(runs)), max_diff
@@ -329,6 +332,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None, help="rows per forward pass (default: from free memory)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ablation", action="store_true", help="also run the engine's sweep with each shortcut off (interp.engine.EngineOptions), one at a time, and print the table")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
 
@@ -414,6 +418,12 @@ def bench_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         # full batches: at least one batch of `batch` units (rows of each strategy), spread over the sweep like the others
         peer_args["only"] = spread(max(batch, len(only) if only is not None else len(every))) if args.naive_tests else None
         peers.append(run_engine("nnsight (batched)", model, traces[:n_naive], config, batch_size=batch, patch_batch=batched_peer.batch, **peer_args))
+    ablations = []
+    if args.ablation:  # the same sweep with one shortcut off at a time: what each is worth here
+        for f in dataclasses.fields(EngineOptions):
+            off = EngineOptions(**{f.name: False})
+            run, diff = run_engine(f"no {f.name}", model, traces, config, batch_size=args.batch_size, keep_logits=None, compare_logits=fast_logits, progress=not args.quiet, options=off)
+            ablations.append((f.name, run, diff))
     cmp = compare_rows(naive.rows, fast.rows)
     peak = matmul_flops_per_s(model)
     naive_rate, fast_rate = naive.tests / naive.seconds, fast.tests / fast.seconds
@@ -447,6 +457,14 @@ def bench_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(("results agree" if agree else "RESULTS DIFFER") + f" (tolerance {REL_TOL[dtype]:g} of the largest logit{target})")
     else:
         print("results compared; no tolerance in bfloat16 (batched and single passes round differently)")
+    if ablations:
+        print("ablation (the engine's sweep, one shortcut off at a time; same tests):")
+        print("| shortcut off | tests/s | fast is faster by | % of ideal | answer logits vs fast |")
+        print("| --- | --- | --- | --- | --- |")
+        print(f"| none (fast) | {fast_rate:.2f} | 1.00x | {100 * fast.flops / fast.patch_seconds / peak:.1f}% | 0 |")
+        for field, run, diff in ablations:
+            rate = run.tests / run.seconds
+            print(f"| {field} | {rate:.2f} | {fast_rate / rate:.2f}x | {100 * run.flops / run.patch_seconds / peak:.1f}% | {diff:.1e} |")
     ratios = {run.name: fast_rate / (run.tests / run.seconds) for run, _ in peers}
     for name, ratio in ratios.items():
         print(f"vs {name}: {ratio:.2f}x")
@@ -460,6 +478,7 @@ def bench_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "compare": cmp,
         "vs": ratios,
         "peer_max_abs_diff": {run.name: diff for run, diff in peers},
+        "ablation": {field: {"tests_per_s": run.tests / run.seconds, "max_abs_diff": diff} for field, run, diff in ablations},
     }
 
 

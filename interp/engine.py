@@ -305,6 +305,23 @@ def _writer(intervention: Intervention, entries: Sequence[_Entry], start: int, d
     return hook_fn
 
 
+@dataclass(frozen=True)
+class EngineOptions:
+    """The engine's shortcuts, each on by default; switching one off gives the same results, computed the
+    long way (for ablations: `python -m benchmarks.bench --ablation`).
+
+    prefix_reuse: rows start at their first site's column from the pair's cached corrupted prefix (off:
+    every row runs from column 0); drafts: the greedy decode checks earlier runs' decodes as drafts (off:
+    one token per pass once a row leaves the teacher-forced columns); dedup: identical jobs run once;
+    parallel_skip: a parallel batch starts at its lowest site's block (off: at block 0).
+    """
+
+    prefix_reuse: bool = True
+    drafts: bool = True
+    dedup: bool = True
+    parallel_skip: bool = True
+
+
 def _job_key(job: Job) -> tuple:
     """What makes two jobs the same run (interventions with parameters compare by identity)."""
     iv = job.intervention
@@ -330,12 +347,13 @@ class BatchPatcher:
         batch_size: int | None = None,
         max_new_tokens: int = MAX_NEW_TOKENS,
         decode: bool = True,
+        options: EngineOptions | None = None,
     ):
         if not pairs:
             raise PatchError("no pairs to patch")
         if capture_positions is not None and len(capture_positions) != len(pairs):
             raise PatchError(f"capture_positions has {len(capture_positions)} entries for {len(pairs)} pairs; give one list per pair")
-        self.model, self.max_new_tokens, self.decode = model, max_new_tokens, decode
+        self.model, self.max_new_tokens, self.decode, self.options = model, max_new_tokens, decode, options or EngineOptions()
         self.pairs: list[_Pair] = []
         for i, (corrupted, clean) in enumerate(pairs):
             check_aligned(corrupted, clean)
@@ -371,7 +389,7 @@ class BatchPatcher:
         for job in jobs:
             check_job(self.model, self._pair(job).corrupted, job)
         first: dict[tuple, int] = {}
-        distinct = [first.setdefault(_job_key(job), i) == i for i, job in enumerate(jobs)]
+        distinct = [first.setdefault(_job_key(job), i) == i or not self.options.dedup for i, job in enumerate(jobs)]
         results: list[PatchResult | None] = [None] * len(jobs)
         for strategy in STRATEGIES:
             idx = [i for i, job in enumerate(jobs) if job.strategy == strategy and distinct[i]]
@@ -478,7 +496,7 @@ class BatchPatcher:
         rows = [_Row(j, self._pair(j), width - self._pair(j).n_prompt) for j in jobs]
         eot = width + k
         end = max(r.pair.seq_len + r.offset for r in rows)
-        start = width + min(self._first_site(j) for j in jobs)  # first column any row patches (<= eot)
+        start = width + min(self._first_site(j) for j in jobs) if self.options.prefix_reuse else 0  # first column any row patches (<= eot)
         plan = self._entries(rows)
         store: dict[str, dict[int, Tensor]] = {name: {} for name in self.capture_names}
 
@@ -503,7 +521,7 @@ class BatchPatcher:
         latents = torch.stack([r.pair.corrupted.latents for r in rows]).to(model.device)  # [b, K, d]
         first_layer = 0
         if strategy == "parallel":  # blocks before the first site's are the corrupted run's at every column
-            first_layer = min(self._first_layer(j) for j in jobs)
+            first_layer = min(self._first_layer(j) for j in jobs) if self.options.parallel_skip else 0
             cache = self._prefix_cache(rows, start, full_layers=first_layer, end=end)
             embeds, mask = self._columns(rows, start, end, layer=first_layer)
             tail_start = start
@@ -543,7 +561,7 @@ class BatchPatcher:
         for row in rows:  # the unpatched runs' own decodes (the likelier first: parallel runs keep more of the corrupted run), then other runs' of this pair
             runs = (row.pair.corrupted, row.pair.clean) if row.job.strategy == "parallel" else (row.pair.clean, row.pair.corrupted)
             drafts.append([t.generation.answer_ids.tolist() for t in runs] + [list(d) for d in reversed(row.pair.decodes)])
-        answers = self.model.greedy_decode(logits, forced, cache, max_new_tokens=self.max_new_tokens, drafts=drafts)
+        answers = self.model.greedy_decode(logits, forced, cache, max_new_tokens=self.max_new_tokens, drafts=drafts if self.options.drafts else None)
         for row, ids in zip(rows, answers):
             decoded = tuple(ids.tolist())
             known = decoded in row.pair.decodes or any(decoded == tuple(t.generation.answer_ids[: len(decoded)].tolist()) for t in (row.pair.corrupted, row.pair.clean))

@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from interp.data.pairs import Pair, save_pairs
-from interp.engine import MAX_ROWS, STRATEGIES, BatchPatcher, Job, check_hook
+from interp.engine import MAX_ROWS, STRATEGIES, BatchPatcher, EngineOptions, Job, check_hook
 from interp.executor import LocalExecutor
 from interp.hooks import layer_of
 from interp.interventions import INTERVENTIONS, Intervention, Mean
@@ -102,10 +102,10 @@ class SweepConfig:
         return self.hook_name(0).split(".", 2)[2]
 
 
-def sweep_patcher(model: LatentModel, group: Sequence[PairTraces], config: SweepConfig, batch_size: int | None = None) -> BatchPatcher:
+def sweep_patcher(model: LatentModel, group: Sequence[PairTraces], config: SweepConfig, batch_size: int | None = None, options: EngineOptions | None = None) -> BatchPatcher:
     """The engine over a group of pairs, recording what the default metrics read (the family at the similarity positions)."""
     positions = [similarity_positions(pt.corrupted)[0] for pt in group]
-    return BatchPatcher(model, [(pt.corrupted, pt.clean) for pt in group], capture=config.family, capture_positions=positions, batch_size=batch_size)
+    return BatchPatcher(model, [(pt.corrupted, pt.clean) for pt in group], capture=config.family, capture_positions=positions, batch_size=batch_size, options=options)
 
 
 def run_units(

@@ -75,3 +75,13 @@ def test_bench_nnsight_peers_agree_with_the_engine(tiny_peer_bench):
     batched, batched_diff = run_engine("nnsight (batched)", model, traces, config, batch_size=5, patch_batch=NnsightPeer(model, codi).batch, **kwargs)
     assert per_test.tests == batched.tests == len(fast_logits) == 2 * 2 * 7 * 2  # pairs x layers x (6 single + all) x strategies
     assert per_test_diff < 1e-4 and batched_diff < 1e-4
+
+
+def test_bench_ablation_table(capsys):
+    """--ablation reruns the engine's sweep with each shortcut off: one table row each, same answers."""
+    result = bench_main(["--model", "tiny", "--device", "cpu", "--pairs", "1", "--layers", "0,1", "--kinds", "single", "--naive-tests", "2", "--ablation", "--quiet"])
+    lines = capsys.readouterr().out.splitlines()
+    table = lines[lines.index("| shortcut off | tests/s | fast is faster by | % of ideal | answer logits vs fast |") + 2 :]
+    assert [row.split(" | ")[0] for row in table[:5]] == ["| none (fast)", "| prefix_reuse", "| drafts", "| dedup", "| parallel_skip"]
+    assert set(result["ablation"]) == {"prefix_reuse", "drafts", "dedup", "parallel_skip"}
+    assert all(a["max_abs_diff"] < 1e-4 and a["tests_per_s"] > 0 for a in result["ablation"].values())

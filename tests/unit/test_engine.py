@@ -166,6 +166,41 @@ def test_batches_mixing_pairs_of_different_lengths(model):
         BatchPatcher(model, [(pt.corrupted, pt.clean) for pt in traces], capture="hook_resid_post", capture_positions=positions[:1])
 
 
+@pytest.mark.parametrize("off", ["prefix_reuse", "drafts", "dedup", "parallel_skip"])
+def test_each_shortcut_switched_off_gives_the_same_results(model, off, monkeypatch):
+    """`EngineOptions`: with any shortcut off, every row of a batch mixing pairs of different lengths, sites
+    in the question and duplicate jobs equals the reference; and the switch does switch (rows or forward
+    passes change)."""
+    from interp.engine import EngineOptions
+
+    pairs = sorted(arithmetic_pairs(12, steps=(2, 6), seed=11), key=lambda p: len(p.corrupted_question))
+    traces = [trace_pair(model, p) for p in (pairs[0], pairs[-1])]
+    sites = [("blocks.1.hook_resid_post", (0,)), ("blocks.2.hook_mlp_out", (4,)), ("blocks.1.hook_resid_post", (0, 1, 2, 3, 4, 5))]
+    jobs = [Job((latent_sites(pt.corrupted, h, lat),), s, pair=i) for h, lat in sites for s in ("parallel", "iterative", "feedback") for i, pt in enumerate(traces)]
+    jobs += [jobs[0], Job((Site("blocks.1.hook_resid_post", (2,)),), "iterative", pair=1)]  # a duplicate; a site in the question
+    positions = [similarity_positions(pt.corrupted)[0] for pt in traces]
+    pairs_ = [(pt.corrupted, pt.clean) for pt in traces]
+    calls: list[tuple[int, int]] = []  # (start_layer, columns) of every forward pass
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda embeds, **kw: calls.append((kw.get("start_layer", 0), embeds.shape[1])) or forward(embeds, **kw))
+    runs = {}
+    for name, options in (("on", None), ("off", EngineOptions(**{off: False}))):
+        calls.clear()
+        patcher = BatchPatcher(model, pairs_, capture="hook_resid_post", capture_positions=positions, batch_size=4, max_new_tokens=MAX_NEW, options=options)
+        runs[name] = (patcher.run(jobs), patcher.stats["rows"], list(calls))
+    for job, result in zip(jobs, runs["off"][0]):
+        pt = traces[job.pair]
+        assert_same(model, result, reference(model, pt.corrupted, pt.clean, job, "hook_resid_post"), pt.clean, "hook_resid_post", positions[job.pair])
+    (_, rows_on, calls_on), (_, rows_off, calls_off) = runs["on"], runs["off"]
+    columns = lambda calls: sum(n for _, n in calls)  # noqa: E731
+    if off == "dedup":
+        assert rows_off == rows_on + 1
+    elif off == "parallel_skip":
+        assert max(f for f, _ in calls_on) > 0 and max(f for f, _ in calls_off) == 0
+    else:  # prefix_reuse: more columns recomputed; drafts: more, narrower decode passes
+        assert columns(calls_off) > columns(calls_on) if off == "prefix_reuse" else len(calls_off) > len(calls_on)
+
+
 def test_parallel_rows_start_at_their_first_site_block(model):
     """Parallel runs compute only the blocks from their sites' lowest one up (the blocks below hold
     the corrupted run's own values at every column). Rows of pairs whose tails differ in length
