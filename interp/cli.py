@@ -145,7 +145,8 @@ def build_pairs(args: argparse.Namespace, model) -> tuple[list, dict]:
     counts: dict[str, Counter] = {"source": Counter(), "align": Counter(), "model": Counter()}
     if args.source in ("arithmetic", "three-step"):
         count = args.n * 2 if args.filter else args.n
-        pairs = arithmetic_pairs(count, steps=args.steps, seed=args.seed) if args.source == "arithmetic" else three_step_pairs(count, seed=args.seed)
+        steps = args.steps or (_shipped_model(args).task_steps if args.checkpoint is None else 6)
+        pairs = arithmetic_pairs(count, steps=steps, seed=args.seed) if args.source == "arithmetic" else three_step_pairs(count, seed=args.seed)
         counts["source"]["read"] = counts["source"]["corrupted"] = len(pairs)
     elif args.source == "prosqa":
         pairs = prosqa_source(args, counts["source"])
@@ -439,7 +440,7 @@ def add_pair_source_args(p: argparse.ArgumentParser, n: int) -> None:
     )
     p.add_argument("--prosqa", default=None, help="ProsQA JSON file in the official format (e.g. ../shared/data/prosqa/test.json); default: generate new problems")
     p.add_argument("--n", type=positive_int, default=n, help="number of pairs to keep (1 or more)")
-    p.add_argument("--steps", type=positive_int, default=6, help="arithmetic: operations per problem (default 6, the chain the shipped models are trained on)")
+    p.add_argument("--steps", type=positive_int, default=None, help="arithmetic: operations per problem (default: the shipped model's chain length, else 6)")
     p.add_argument("--gsm8k", default=None, help="GSM8K JSONL file or directory (default: the hub copy via `datasets`)")
     p.add_argument("--split", default="test")
     p.add_argument("--no-filter", dest="filter", action="store_false", help="keep pairs the model gets wrong")

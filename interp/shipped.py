@@ -30,7 +30,7 @@ class ShippedModel:
 
     directory: its checkpoint directory under interp/embedded/ (with `base/` and `metrics.json`);
     checkpoint: the file or `checkpoint_N` inside it; results: the headline study's run directory and
-    the analysis directory under results/ (repository-relative).
+    the analysis directory under results/ (repository-relative); task_steps: its arithmetic chain length.
     """
 
     name: str
@@ -42,6 +42,7 @@ class ShippedModel:
     forced: bool
     objective: str
     results: tuple[str, str]
+    task_steps: int = 6  # the arithmetic chain length it was trained on (`interp.data.arithmetic`)
 
     def metrics(self) -> dict[str, Any]:
         """The card's measured numbers (`metrics.json`), in one shape for both families:
@@ -130,7 +131,8 @@ def _registry() -> dict[str, ShippedModel]:
     ]
     codi = EMBEDDED / "codi"
     if (codi / "metrics.json").exists():
-        models.append(ShippedModel("codi", "codi", codi, "model.safetensors", 6, "docs/codi_model.md", False, "the published CODI objective", ("results/codi_grid", "results/codi_analysis")))
+        steps = json.loads((codi / "codi.json").read_text())["task"]["steps"]
+        models.append(ShippedModel("codi", "codi", codi, "model.safetensors", 6, "docs/codi_model.md", False, "the published CODI objective", ("results/codi_grid", "results/codi_analysis"), steps))
     return {m.name: m for m in models}
 
 

@@ -67,6 +67,7 @@ PRESETS: dict[str, TrainConfig] = {
 }
 
 
+PRESETS["codi-3step-long"] = dataclasses.replace(PRESETS["codi-3step"], name="codi-3step-long", p2_max_steps=2400)  # twice the schedule
 PRESETS["direct-3step"] = dataclasses.replace(PRESETS["codi-3step"], name="direct-3step", objective="direct", direct_steps=2000)  # >= the codi run's steps
 PRESETS["micro-codi"] = dataclasses.replace(PRESETS["micro"], name="micro-codi", step_distill=False)  # the published CODI objective, for tests
 PRESETS["micro-codi-curriculum"] = dataclasses.replace(PRESETS["micro-codi"], name="micro-codi-curriculum", p2_max_steps=6, p2_curriculum=(2, 3))
