@@ -43,7 +43,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class ModelSpec:
     """How a worker loads the model: small and picklable, unlike the model.
 
-    checkpoint: "embedded" (interp.load_default()), "shipped:NAME" (interp.load_shipped), a hub id or a path a worker can read (directory or
+    checkpoint: "embedded" (the aligned model: interp.load_default("aligned")), "shipped:NAME" (interp.load_shipped), a hub id or a path a worker can read (directory or
     file of a CODI or Coconut checkpoint: `interp.load_model` picks the family); `base` a hub id or
     local directory (None: the CODI release's default). device "auto": CUDA when the worker sees a
     GPU, else CPU. `lora_alpha` and `remove_eos` are CODI's options: None leaves the loader's
@@ -76,7 +76,7 @@ class ModelSpec:
 
         dtype, device = DTYPES[self.dtype], self.resolved_device()
         if self.checkpoint == "embedded":
-            return load_default(dtype=dtype, device=device)
+            return load_default("aligned", dtype=dtype, device=device)
         if self.checkpoint.startswith("shipped:"):
             return load_shipped(self.checkpoint.removeprefix("shipped:"), dtype=dtype, device=device)
         codi_only = {"lora_alpha": self.lora_alpha, "remove_eos": self.remove_eos}

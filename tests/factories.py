@@ -189,3 +189,9 @@ def save_coconut_checkpoint(ref: ReferenceCoconut, directory: Path, epoch: int) 
     path = directory / f"checkpoint_{epoch}"
     torch.save(ref.state_dict(), path)
     return path
+
+
+def on_aligned(args: list[str]) -> list[str]:
+    """`args` on the aligned model (these tests encode its shape: 4 layers, 6 latents, 6-step pairs), unless they name a model."""
+    named = {"--checkpoint", "--checkpoints", "--model", "--base"} & set(args)
+    return [*args, "--model", "aligned"] if args and args[0] in {"generate", "pairs", "patch", "run", "analyze"} and not named else args

@@ -18,7 +18,7 @@ N = 200
 
 @pytest.fixture(scope="module")
 def acts(one_thread):
-    model = load_default()
+    model = load_default("aligned")
     return model, collect(model, problems_from_pairs(arithmetic_pairs(N, seed=14)))
 
 

@@ -11,7 +11,7 @@ from interp.train.evaluate import student_generate
 
 
 def test_shipped_model_is_accurate_on_held_out_problems():
-    model = load_default()
+    model = load_default("aligned")
     problems = held_out_problems()[:200]  # held out from training by seed and by question text
     gens = model.generate_batch([p.question for p in problems], max_new_tokens=8)
     accuracy = sum(g.answer == p.answer for g, p in zip(gens, problems)) / len(problems)
@@ -43,7 +43,7 @@ def test_a_single_latent_patch_restores_exactly_the_steps_it_carries():
     from interp.patching import patch
     from interp.trace import trace_pair
 
-    model = load_default()
+    model = load_default("aligned")
     by_slot = {}
     for pair in filter_by_model(model, arithmetic_pairs(60, seed=4), both=True):
         by_slot.setdefault(pair.source["changed_slot"], pair)
@@ -62,7 +62,7 @@ def test_mean_latents_drop_accuracy_to_the_model_cards_level():
     held: parallel): accuracy falls to chance, as the model card's "mean latent" row (9.7%)."""
     import interp
 
-    model = load_default()
+    model = load_default("aligned")
     problems = held_out_problems()
     others = [model.trace(p.question, names_filter="blocks.0.hook_resid_pre") for p in problems[200:300]]
     mean = interp.Mean(others)
@@ -81,7 +81,7 @@ def test_user_hooks_at_absolute_positions_work_through_generate_trace_and_run_wi
     hand-written hook on a full teacher-forced pass over the hooked loop's latents."""
     import interp
 
-    model = load_default()
+    model = load_default("aligned")
     question = held_out_problems()[0].question
     plain = model.trace(question)
     pos = plain.latent_positions[3]

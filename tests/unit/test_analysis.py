@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def model():
-    return load_default()
+    return load_default("aligned")
 
 
 # ----------------------------------------------------------------------------- probes
@@ -87,7 +87,7 @@ def test_value_token_is_the_first_token_of_the_value_as_written(model):
 
 def test_attention_is_uniform_when_queries_are_zero(model):
     """W_Q = 0 makes every score 0: a query at position i spreads 1/(i+1) over positions 0..i."""
-    flat = load_default()
+    flat = load_default("aligned")
     for block in flat.model.blocks:
         block.attn.W_Q.data.zero_()
         block.attn.b_Q.data.zero_()

@@ -13,13 +13,14 @@ from benchmarks.naive import naive_patch
 from interp.cli import main
 from interp.data import arithmetic_pairs, save_pairs
 from interp.runio import read_jsonl
+from tests.factories import on_aligned
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def model():
-    return interp.load_default()
+    return interp.load_default("aligned")
 
 
 @pytest.fixture
@@ -33,7 +34,7 @@ def pairs_file(tmp_path):
 def test_atp_verify_rows_match_attribute_and_an_independent_exact_patch(model, pairs_file, tmp_path, capsys):
     path, pairs = pairs_file
     out = tmp_path / "atp"
-    main(["patch", "--pairs", str(path), "--method", "atp+verify", "--top-k", "3", "--hook", "resid_post", "--strategy", "parallel,iterative", "--out", str(out)])
+    main(on_aligned(["patch", "--pairs", str(path), "--method", "atp+verify", "--top-k", "3", "--hook", "resid_post", "--strategy", "parallel,iterative", "--out", str(out)]))
     printed = capsys.readouterr().out
     assert "parallel: " in printed and "Spearman vs exact" in printed
     rows = read_jsonl(out / "attribution.jsonl")
@@ -90,7 +91,7 @@ def test_method_and_top_k_are_checked_before_anything_runs(pairs_file, tmp_path,
         (["--method", "atp", "--top-k", "3"], "error: --top-k 3: applies to --method atp+verify only (got --method atp)"),
     ):
         with pytest.raises(SystemExit) as info:
-            main(["patch", "--pairs", str(path), "--out", str(tmp_path / "x"), *extra])
+            main(on_aligned(["patch", "--pairs", str(path), "--out", str(tmp_path / "x"), *extra]))
         assert info.value.code == 2 and capsys.readouterr().err.strip() == message
     assert not (tmp_path / "x").exists()
     assert torch.get_num_threads() == 1

@@ -15,11 +15,12 @@ from interp.data.arithmetic import arithmetic_pairs
 from interp.plots import load_results
 from interp.stats import summarize
 from interp.sweep import SweepConfig
+from tests.factories import on_aligned
 
 
 def fails(args: list[str], capsys) -> tuple[int, str]:
     with pytest.raises(SystemExit) as info:
-        main(args)
+        main(on_aligned(args))
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
     return info.value.code, err.rstrip("\n")
@@ -92,7 +93,7 @@ def test_generate_refuses_an_empty_or_too_long_question_in_one_line(capsys):
     from interp import load_default
 
     with pytest.raises(ValueError, match=r"^the question needs \d+ positions \(\d+ question tokens, 6 thoughts, the answer and 0 decoded tokens\)"):
-        load_default().run_with_cache("1 +2" + " +2" * 40)
+        load_default("aligned").run_with_cache("1 +2" + " +2" * 40)
 
 
 ROW = {"pair_id": "p0", "strategy": "parallel", "kind": "all", "layer": 0, "latents": [0], "hook": "h", "normalized_effect": 0.5, "logit_diff": 1.0, "kl": None, "flip": True}
@@ -115,6 +116,6 @@ def test_report_never_modifies_results(tmp_path, capsys):
     (run / "results.jsonl").write_bytes(data)
     with pytest.warns(UserWarning, match="1 repeated test id"):
         assert len(load_results(run)) == 4
-    main(["report", str(run), "--no-png"])
+    main(on_aligned(["report", str(run), "--no-png"]))
     assert (run / "results.jsonl").read_bytes() == data
     assert sorted(p.name for p in run.iterdir()) == ["report.html", "results.jsonl"]

@@ -8,18 +8,19 @@ import pytest
 
 from interp.cli import main
 from interp.data import load_pairs
+from tests.factories import on_aligned
 
 
 @pytest.fixture(scope="module")
 def default_model():
     from interp import load_default
 
-    return load_default()
+    return load_default("aligned")
 
 
 def test_generate_prints_latents_and_answer(default_model, capsys):
     question = "7 +5 *3 -2 *7 +4 -1"
-    main(["generate", question])
+    main(on_aligned(["generate", question]))
     out = capsys.readouterr().out
     gen = default_model.generate(question)
     assert out.count("latent[") == 6
@@ -33,11 +34,11 @@ def test_pairs_then_patch_with_wandb_offline(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
     pairs_file = tmp_path / "pairs.json"
-    main(["pairs", "--source", "arithmetic", "--n", "3", "--out", str(pairs_file)])
+    main(on_aligned(["pairs", "--source", "arithmetic", "--n", "3", "--out", str(pairs_file)]))
     pairs, meta = load_pairs(pairs_file)
     assert len(pairs) == 3 and meta["counts"]["model"]["kept"] >= 3
     out = tmp_path / "run"
-    main(["patch", "--pairs", str(pairs_file), "--layers", "1", "--kinds", "all", "--out", str(out), "--quick", "--wandb"])
+    main(on_aligned(["patch", "--pairs", str(pairs_file), "--layers", "1", "--kinds", "all", "--out", str(out), "--quick", "--wandb"]))
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 3 * 3 and {r["strategy"] for r in rows} == {"parallel", "iterative", "feedback"}
     summary = json.loads((out / "summary.json").read_text())
@@ -50,7 +51,7 @@ def test_patch_rejects_malformed_pairs_file(tmp_path, capsys):
     bad = tmp_path / "pairs.json"
     bad.write_text('{"format": "something-else"}')
     with pytest.raises(SystemExit) as info:
-        main(["patch", "--pairs", str(bad), "--out", str(tmp_path / "run")])
+        main(on_aligned(["patch", "--pairs", str(bad), "--out", str(tmp_path / "run")]))
     assert info.value.code == 2
     assert "error:" in capsys.readouterr().err
 
@@ -84,6 +85,21 @@ def test_pairs_whose_questions_do_not_fit_the_context_are_refused_in_one_line(tm
     from interp.cli import main
 
     with pytest.raises(SystemExit) as info:
-        main(["pairs", "--source", "three-step", "--n", "2", "--out", str(tmp_path / "p.json")])
+        main(on_aligned(["pairs", "--source", "three-step", "--n", "2", "--out", str(tmp_path / "p.json")]))
     assert info.value.code == 2 and not (tmp_path / "p.json").exists()
     assert "error: --source three-step: every question is longer than the model's context allows (n_ctx 64)" in capsys.readouterr().err
+
+
+def test_the_default_is_the_most_faithful_model_that_passes_both_tests(capsys):
+    """Unforced before forced, among the shipped models >= 30 points above their controls whose swapped
+    thoughts give the donor's answer >= 80%: `codi`, then `aligned`; the CLI names the one it loads."""
+    from interp import load_default
+    from interp.shipped import SHIPPED, defaults
+
+    assert defaults() == ["codi", "aligned"]
+    assert [n for n, m in SHIPPED.items() if not m.qualification()[0]] == ["coconut", "coconut-stage3"]
+    main(["generate", "7 +5 *3"])
+    out = capsys.readouterr().out
+    assert out.startswith("model: shipped 'codi' (the published CODI objective; trained by the published objective alone; accuracy 66.8% vs direct control 9.8% (+57.0%)")
+    with pytest.raises(ValueError, match="may not serve as a default"):
+        load_default("coconut")

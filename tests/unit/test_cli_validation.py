@@ -14,6 +14,7 @@ from interp.cli import main
 from interp.data import save_pairs
 from interp.data.arithmetic import arithmetic_pairs
 from interp.runio import open_run
+from tests.factories import on_aligned
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def pairs_file(tmp_path_factory):
 def fails(args: list[str], capsys) -> tuple[int, str]:
     """(exit status, stderr) of a command that must fail; stderr must be one line."""
     with pytest.raises(SystemExit) as info:
-        main(args)
+        main(on_aligned(args))
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.endswith("\n"), err
     return info.value.code, err.rstrip("\n")
@@ -104,7 +105,7 @@ def test_base_config_that_is_not_json(tmp_path, capsys):
 
 def test_resume_with_other_arguments_is_refused_and_changes_nothing(pairs_file, tmp_path, capsys):
     out = tmp_path / "run"
-    main(["patch", "--pairs", str(pairs_file), "--out", str(out), "--layers", "1", "--kinds", "all"])
+    main(on_aligned(["patch", "--pairs", str(pairs_file), "--out", str(out), "--layers", "1", "--kinds", "all"]))
     capsys.readouterr()
     before = snapshot(out)
     code, err = fails(["patch", "--pairs", str(pairs_file), "--out", str(out), "--layers", "2", "--kinds", "all"], capsys)
@@ -113,7 +114,7 @@ def test_resume_with_other_arguments_is_refused_and_changes_nothing(pairs_file, 
     code, err = fails(["patch", "--pairs", str(pairs_file), "--out", str(out), "--layers", "1", "--kinds", "all", "--dtype", "bfloat16"], capsys)
     assert code == 2 and err.startswith(f'error: --out {out} holds another experiment, differing in model.dtype ("float32" -> "bfloat16"), ')
     assert snapshot(out) == before
-    main(["patch", "--pairs", str(pairs_file), "--out", str(out), "--layers", "2", "--kinds", "all", "--force-new"])
+    main(on_aligned(["patch", "--pairs", str(pairs_file), "--out", str(out), "--layers", "2", "--kinds", "all", "--force-new"]))
     assert snapshot(out)["results.jsonl"] != before["results.jsonl"]
 
 
@@ -130,7 +131,7 @@ def test_locked_run_is_a_failure_naming_the_holder(pairs_file, tmp_path, capsys)
 def test_interp_run_keeps_pairs_json_when_the_run_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["run", "--n", "2", "--layers", "0", "--kinds", "all", "--strategy", "parallel", "--out", str(out)]
-    main(args)
+    main(on_aligned(args))
     capsys.readouterr()
     before = snapshot(out)
     code, err = fails([*args[:-2], "--layers", "0,0", "--out", str(out)], capsys)

@@ -175,9 +175,9 @@ def test_each_shortcut_switched_off_gives_the_same_results(model, off, monkeypat
 
     pairs = sorted(arithmetic_pairs(12, steps=(2, 6), seed=11), key=lambda p: len(p.corrupted_question))
     traces = [trace_pair(model, p) for p in (pairs[0], pairs[-1])]
-    sites = [("blocks.1.hook_resid_post", (0,)), ("blocks.2.hook_mlp_out", (4,)), ("blocks.1.hook_resid_post", (0, 1, 2, 3, 4, 5))]
-    jobs = [Job((latent_sites(pt.corrupted, h, lat),), s, pair=i) for h, lat in sites for s in ("parallel", "iterative", "feedback") for i, pt in enumerate(traces)]
-    jobs += [jobs[0], Job((Site("blocks.1.hook_resid_post", (2,)),), "iterative", pair=1)]  # a duplicate; a site in the question
+    sites = [("blocks.1.hook_resid_post", (0,)), ("blocks.2.hook_mlp_out", (1, 2, 3, 4, 5))]
+    jobs = [Job((latent_sites(pt.corrupted, h, lat),), s, pair=i) for h, lat in sites for s in ("parallel", "iterative") for i, pt in enumerate(traces)]
+    jobs += [jobs[0], Job((Site("blocks.1.hook_resid_post", (2,)),), "iterative", pair=1), Job((latent_sites(traces[1].corrupted, "blocks.0.hook_resid_post", (2,)),), "feedback", pair=1)]
     positions = [similarity_positions(pt.corrupted)[0] for pt in traces]
     pairs_ = [(pt.corrupted, pt.clean) for pt in traces]
     calls: list[tuple[int, int]] = []  # (start_layer, columns) of every forward pass

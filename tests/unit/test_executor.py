@@ -47,7 +47,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # as each Ray worker has (cp
 def local_rows():
     import interp
 
-    out = list(LocalExecutor(interp.load_default()).map_units(SPEC, UNITS, Latents(), batch_size=2))
+    out = list(LocalExecutor(interp.load_default("aligned")).map_units(SPEC, UNITS, Latents(), batch_size=2))
     assert [u for u, _ in out] == UNITS
     return dict(out)
 
@@ -142,7 +142,7 @@ def test_sweep_on_ray_equals_the_single_process_sweep_even_when_a_worker_dies(lo
     from interp.data import arithmetic_pairs
     from interp.score import default_metrics
 
-    model = interp.load_default()
+    model = interp.load_default("aligned")
     pairs = arithmetic_pairs(4, seed=2)
     config = interp.SweepConfig(kinds=("single", "all"), layers=(1, 3), bootstrap=50)
     metrics = [*default_metrics(config.family), KillOnce(str(tmp_path / "killed"))]
@@ -182,7 +182,7 @@ def test_a_model_that_differs_from_the_drivers_is_refused(local_ray, other_spec)
     import interp
     from interp.runio import RunError, model_fingerprint
 
-    expected = model_fingerprint(interp.load_default())
+    expected = model_fingerprint(interp.load_default("aligned"))
     with pytest.raises(RunError, match=r"the model loaded from model_spec loaded another model than this process, differing in checkpoint\."):
         list(LocalExecutor().map_units(other_spec, UNITS, Latents(), fingerprint=expected))
     with pytest.raises(RunError, match=r"^Ray worker \d+ loaded another model than this process, differing in checkpoint\."):

@@ -120,7 +120,7 @@ def sigkill_self():
 def model():
     from interp import load_default
 
-    return load_default()
+    return load_default("aligned")
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +201,7 @@ from interp import load_default
 from interp.data.arithmetic import arithmetic_pairs
 t.stub_engine(setattr)
 t.kill_after(setattr, Path({out!r}), {budget}, {truncate!r}, t.sigkill_self)
-t.run_sweep(load_default(), arithmetic_pairs(2, seed=3), {out!r}, t.CONFIG, progress=False)
+t.run_sweep(load_default("aligned"), arithmetic_pairs(2, seed=3), {out!r}, t.CONFIG, progress=False)
 """
 
 
