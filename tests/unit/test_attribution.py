@@ -250,7 +250,8 @@ def test_remainder_is_the_attention_then_thought_map_paths(case):
         by_hand = sum(float(metric(res[2 * i].next_logits) - metric(res[2 * i + 1].next_logits)) / (2 * EPS) for i in range(len(later)))
         atp = rows[(site.hook, lay.name(p), site.head)]
         assert abs(by_hand) > 1e-9, (name, site)  # a case where the paths carry something
-        assert abs(atp - by_hand) <= REL * abs(by_hand) + 1e-12, (name, site, atp, by_hand)
+        # + 1e-10: the central difference's own rounding, about 1e-16 x |metric| / EPS (it failed once at 2.5e-12 over 1.9e-12)
+        assert abs(atp - by_hand) <= REL * abs(by_hand) + 1e-10, (name, site, atp, by_hand)
 
 
 # ----------------------------------------------------------------------------- the frame
