@@ -466,8 +466,11 @@ def bench_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             rate = run.tests / run.seconds
             print(f"| {field} | {rate:.2f} | {fast_rate / rate:.2f}x | {100 * run.flops / run.patch_seconds / peak:.1f}% | {diff:.1e} |")
     ratios = {run.name: fast_rate / (run.tests / run.seconds) for run, _ in peers}
+    ceiling_rate = peak * fast.tests / fast.flops  # tests/s if every needed FLOP ran at the ideal rate, nothing else
+    ceilings = {run.name: ceiling_rate / (run.tests / run.seconds) for run, _ in peers}
     for name, ratio in ratios.items():
-        print(f"vs {name}: {ratio:.2f}x")
+        print(f"vs {name}: {ratio:.2f}x (ceiling at 100% of ideal: {ceilings[name]:.2f}x)")
+    print(f"ceiling: every needed FLOP at the ideal rate gives {ceiling_rate:.2f} tests/s (fast: {fast_rate:.2f})")
     print(f"speedup: {speedup:.2f}x, max abs diff: {logit_diff:.3e}")
     return {
         "speedup": speedup,
@@ -477,6 +480,7 @@ def bench_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "agree": agree,
         "compare": cmp,
         "vs": ratios,
+        "ceiling_vs": ceilings,
         "peer_max_abs_diff": {run.name: diff for run, diff in peers},
         "ablation": {field: {"tests_per_s": run.tests / run.seconds, "max_abs_diff": diff} for field, run, diff in ablations},
     }

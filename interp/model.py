@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformer_lens import ActivationCache, HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
@@ -41,6 +42,10 @@ from interp.family import CODI, Answer, Family
 from interp.hooks import Hook, bind_hooks
 from interp.kvcache import select_rows
 from interp.layout import MAX_NEW_TOKENS, SequenceLayout
+
+#: vocabulary rows per matmul in the CPU unembedding (`LatentModel._unembed`): SmolLM2's 49k x 576 product
+#: ran at 0.6-0.8x the rate of the same product in 2,048-row slices (MKL, one thread)
+UNEMBED_CHUNK = 2048
 
 #: (chunk start column, chunk length) -> hooks for that chunk; lets a caller write at absolute positions.
 ChunkHooks = Callable[[int, int], Sequence[Hook]]
@@ -62,13 +67,15 @@ def draft_feed(generated: Sequence[int], drafts: Sequence[Sequence[int]], max_ne
 
 @dataclass
 class ForwardOutput:
-    """logits [batch, pos, d_vocab]; final [batch, pos, d_model] (final-normed, what the thought map
-    reads); thoughts [batch, pos, d_model] (the thought map's output at every position) when asked."""
+    """logits [batch, pos, d_vocab] (None when only the greedy ids were asked for); final [batch, pos, d_model]
+    (final-normed, what the thought map reads); thoughts [batch, pos, d_model] (the thought map's output at
+    every position) and greedy [batch, n] (the greedy next ids at the logit positions) when asked."""
 
-    logits: Tensor
+    logits: Tensor | None
     final: Tensor
     cache: ActivationCache | None = None
     thoughts: Tensor | None = None
+    greedy: Tensor | None = None
 
 
 @dataclass
@@ -306,6 +313,7 @@ class LatentModel:
         offsets: Sequence[int] | None = None,
         start_layer: int = 0,
         thoughts: bool = False,
+        greedy: bool = False,
     ) -> ForwardOutput:
         """Run the network on input embeddings [batch, pos, d_model] (with `start_layer` L > 0: on
         the residual stream entering block L, `blocks.L.hook_resid_pre`, running blocks L.. only;
@@ -319,7 +327,8 @@ class LatentModel:
         patches it changes what the thought map reads. `thoughts` (always with `with_cache`) runs the
         thought map over every position of the chunk, with its hooks (`ForwardOutput.thoughts`). `logit_positions` (chunk-relative) unembeds only
         those positions: logits are then [batch, len(logit_positions), d_vocab] (empty list: no
-        unembedding at all); the same modules run, so the values equal the full logits there.
+        unembedding at all); the same modules run, so the values equal the full logits there. `greedy`
+        (with `logit_positions`) returns the greedy next ids there instead of the logits (`_greedy_ids`).
         """
         if kv_cache is not None:
             chunk_mask = attention_mask if attention_mask is not None else torch.ones(embeds.shape[:2], dtype=torch.long)
@@ -331,6 +340,8 @@ class LatentModel:
 
         hooks = bind_hooks(fwd_hooks, start, embeds.shape[1], offsets) + [("ln_final.hook_normalized", grab_normalized)]
         kwargs = dict(start_at_layer=start_layer, past_kv_cache=kv_cache, attention_mask=attention_mask)
+        if greedy and logit_positions is None:
+            raise ValueError("greedy ids are read at logit_positions: give them")
         if logit_positions is not None:
             if with_cache:
                 raise ValueError("logit_positions and with_cache do not go together (the cache would lack ln_final)")
@@ -342,8 +353,11 @@ class LatentModel:
                 embeds = embeds + self._position_embeds(embeds.shape[0], embeds.shape[1], attention_mask)
             logits = self.model(embeds, **kwargs)
             if logit_positions is not None:  # the residual: finish the pass at the chosen positions
-                normed = self.model.ln_final(logits)
-                logits = apply_softcap(self.model.unembed(normed[:, list(logit_positions)]), self.cfg.output_logits_soft_cap)
+                normed = self.model.ln_final(logits)[:, list(logit_positions)]
+                if greedy:
+                    next_ids, logits = self._greedy_ids(normed), None
+                else:
+                    logits = apply_softcap(self._unembed(normed), self.cfg.output_logits_soft_cap)
             # hook_normalized is the normalized x before the norm's weight (and LayerNorm's bias); HF's
             # hidden_states[-1] (what the thought map reads) includes them. In bf16/fp16 TransformerLens
             # normalizes in fp32 and casts back before the weight (as HF does).
@@ -352,7 +366,51 @@ class LatentModel:
                 final = final + self.model.ln_final.b
             made = self.thought_map(final) if thoughts or with_cache else None
         cache = ActivationCache(cache_dict, self.model) if with_cache else None
-        return ForwardOutput(logits=logits, final=final, cache=cache, thoughts=made)
+        return ForwardOutput(logits=logits, final=final, cache=cache, thoughts=made, greedy=next_ids if greedy else None)
+
+    def _unembed(self, normed: Tensor) -> Tensor:
+        """TransformerLens's `Unembed` on final-normed states [batch, n, d_model] -> logits [batch, n, d_vocab_out],
+        through its hook points (`unembed.hook_in`, `unembed.hook_out`).
+
+        On a CPU the product runs in slices of `UNEMBED_CHUNK` vocabulary rows, and an all-zero `b_U` is not
+        added. One [rows, d_model] x [d_model, 49k] product runs far below the CPU's matmul rate: its weight does
+        not stay in cache; slices of it do. `F.linear` with a bias first copies the bias into every row of the
+        output, a [rows, vocab] write. The logits are those of one product to within float rounding: the
+        slices round like any other batch size.
+        """
+        unembed = self.model.unembed
+        x, weight = unembed.hook_in(normed), unembed.W_U.T  # weight [d_vocab_out, d_model]
+        if x.device.type != "cpu":
+            return unembed.hook_out(F.linear(x, weight.contiguous(), unembed.b_U))
+        logits = torch.cat([F.linear(x, weight[a : a + UNEMBED_CHUNK]) for a in range(0, weight.shape[0], UNEMBED_CHUNK)], dim=-1)
+        if unembed.b_U.any():
+            logits += unembed.b_U
+        return unembed.hook_out(logits)
+
+    def _greedy_ids(self, normed: Tensor) -> Tensor:
+        """The greedy next ids [batch, n] (argmax over ids < `decode_vocab`, the first on ties) of final-normed
+        states [batch, n, d_model]: on a CPU, slice by slice with a running maximum, never holding the
+        [rows, vocab] logits (their write and the argmax pass over them cost a quarter of the unembedding
+        there). The slices are `_unembed`'s (the last cut at `decode_vocab`), so the ids are the argmax of its
+        logits to within float rounding. With a hook on the unembedding (or off the CPU) the logits are made
+        whole, through the hooks."""
+        unembed, vocab, cap = self.model.unembed, self.decode_vocab, self.cfg.output_logits_soft_cap
+        if normed.device.type != "cpu" or unembed.hook_in.has_hooks("fwd") or unembed.hook_out.has_hooks("fwd"):
+            return apply_softcap(self._unembed(normed), cap)[..., :vocab].argmax(dim=-1)
+        weight, bias = unembed.W_U.T[:vocab], unembed.b_U[:vocab]
+        has_bias = bool(bias.any())
+        best = ids = None
+        for a in range(0, vocab, UNEMBED_CHUNK):
+            logits = F.linear(normed, weight[a : a + UNEMBED_CHUNK])
+            if has_bias:
+                logits += bias[a : a + UNEMBED_CHUNK]
+            value, index = apply_softcap(logits, cap).max(dim=-1)
+            if best is None:
+                best, ids = value, index
+            else:  # strictly greater: on a tie the earlier (lower) id stays, as argmax keeps the first
+                better = value > best
+                best, ids = torch.where(better, value, best), torch.where(better, index + a, ids)
+        return ids
 
     def _position_embeds(self, batch: int, n: int, mask: Tensor | None) -> Tensor:
         """Learned position embeddings [batch, n, d_model] of a chunk, through `hook_pos_embed`.
@@ -508,8 +566,8 @@ class LatentModel:
                 ids[i, : len(f)] = torch.tensor(f)
                 chunk_mask[i, : len(f)] = 1
             col = kv_cache.previous_attention_mask.shape[1]
-            out = self.forward(self.embed(ids), kv_cache=kv_cache, attention_mask=chunk_mask, fwd_hooks=fwd_hooks, logit_positions=list(range(width)), start=col, offsets=row_offsets)
-            nxt = out.logits[:, :, : self.decode_vocab].argmax(dim=-1).tolist()
+            out = self.forward(self.embed(ids), kv_cache=kv_cache, attention_mask=chunk_mask, fwd_hooks=fwd_hooks, logit_positions=list(range(width)), start=col, offsets=row_offsets, greedy=True)
+            nxt = out.greedy.tolist()
             mask, keep = kv_cache.previous_attention_mask.clone(), []
             for i, (r, feed) in enumerate(zip(active, feeds)):
                 for j in range(len(feed)):  # the token after feed[j]; feed[j + 1] was a correct guess if equal

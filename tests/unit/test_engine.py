@@ -332,6 +332,53 @@ def test_logit_positions_and_fast_layout_change_no_value(model, pair_traces):
         model.forward(embeds, logit_positions=[0], with_cache=True)
 
 
+def test_unembed_at_logit_positions_adds_a_nonzero_bias_and_runs_its_hooks(model, pair_traces):
+    """The unembedding at `logit_positions` skips only an all-zero b_U: a non-zero one is added (final-normed
+    state @ W_U + b_U, by hand), and unembed.hook_in / hook_out still see (and can change) the values."""
+    embeds = pair_traces.corrupted.input_embeds[None]
+    positions = [1, embeds.shape[1] - 1]
+    seen: dict[str, tuple] = {}
+    hooks = [("unembed.hook_in", lambda act, hook: seen.__setitem__("in", act.shape)), ("unembed.hook_out", lambda act, hook: act * 2)]
+    b_U = model.model.unembed.b_U
+    with torch.no_grad():
+        for bias in (torch.zeros_like(b_U), torch.linspace(-1, 1, b_U.numel())):
+            b_U.copy_(bias)
+            out = model.forward(embeds, logit_positions=positions, fwd_hooks=hooks)
+            by_hand = 2 * (out.final[:, positions] @ model.model.W_U + bias)
+            assert (out.logits - by_hand).abs().max() < 1e-5 and seen["in"] == (1, len(positions), model.cfg.d_model)
+        b_U.zero_()
+
+
+def test_greedy_ids_slice_by_slice_are_the_argmax_of_the_logits(model, pair_traces, monkeypatch):
+    """`forward(greedy=True)` merges the vocabulary in slices (7 ids here, so the merge runs): its ids are
+    the argmax over ids < decode_vocab of final @ W_U + b_U, by hand, the first id on a tie across slices
+    (id 3 and 17 given the same unembedding column), and through a hook on unembed.hook_out."""
+    import interp.model
+
+    monkeypatch.setattr(interp.model, "UNEMBED_CHUNK", 7)
+    embeds = pair_traces.corrupted.input_embeds[None]
+    positions = list(range(embeds.shape[1]))
+    unembed = model.model.unembed
+    saved = unembed.W_U.detach().clone()
+    with torch.no_grad():
+        try:
+            for bias in (torch.zeros_like(unembed.b_U), torch.linspace(-3, 3, unembed.b_U.numel())):
+                unembed.b_U.copy_(bias)
+                final = model.forward(embeds, logit_positions=[]).final
+                unembed.W_U[:, 3] = 100 * final[0, 0] / final[0, 0].norm() ** 2  # id 3 wins at position 0 by a logit of ~100 ...
+                unembed.W_U[:, 17], unembed.b_U[17] = unembed.W_U[:, 3], unembed.b_U[3]  # ... tied with id 17, two slices on
+                by_hand = (final @ unembed.W_U + unembed.b_U)[..., : model.decode_vocab].argmax(dim=-1)
+                got = model.forward(embeds, logit_positions=positions, greedy=True)
+                assert got.logits is None and torch.equal(got.greedy, by_hand) and int(got.greedy[0, 0]) == 3
+                hooked = model.forward(embeds, logit_positions=positions, greedy=True, fwd_hooks=[("unembed.hook_out", lambda act, hook: -act)])
+                assert torch.equal(hooked.greedy, (-(final @ unembed.W_U + unembed.b_U))[..., : model.decode_vocab].argmax(dim=-1))
+        finally:
+            unembed.W_U.copy_(saved)
+            unembed.b_U.zero_()
+    with pytest.raises(ValueError, match="logit_positions"):
+        model.forward(embeds, greedy=True)
+
+
 def test_batch_size_choice(model):
     assert choose_batch_size(model, 40, 20, 8, override=3) == 3
     with pytest.raises(ValueError):
