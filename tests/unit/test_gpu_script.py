@@ -20,7 +20,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from importlib.util import find_spec
 from pathlib import Path
 from types import SimpleNamespace
@@ -215,9 +214,7 @@ def number(pattern: str, text: str) -> float:
 def test_gpu_sh_dry_run_writes_its_report(tmp_path):
     """GPU_SH_DRY_RUN=1: the whole script on CPU at a tiny shape, its report under GPU_SH_OUT."""
     env = {**os.environ, "GPU_SH_DRY_RUN": "1", "GPU_SH_OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    t0 = time.perf_counter()
     result = subprocess.run(["bash", str(SCRIPT)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    took = time.perf_counter() - t0
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     files = list(tmp_path.glob("gpu_*.txt"))
     assert [f.name for f in files] == ["gpu_dry-run-cpu.txt"]
@@ -233,7 +230,6 @@ def test_gpu_sh_dry_run_writes_its_report(tmp_path):
     assert number(r"^device peak \(measured\): ([0-9.]+) TFLOP/s", text) > 0
     assert 0 < number(r"^fraction of peak: ([0-9.]+)% of measured", text) < 1000
     assert "checks: engine logits finite" in text and "CHECK FAILED" not in text
-    assert took < 120, f"the dry run took {took:.0f} s"
 
 
 def test_gpu_sh_refuses_without_cuda(tmp_path):
