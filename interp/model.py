@@ -25,7 +25,7 @@ whichever chunk (prompt, one latent step, the answer) holds them.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -370,26 +370,37 @@ class LatentModel:
 
     def _unembed(self, normed: Tensor) -> Tensor:
         """TransformerLens's `Unembed` on final-normed states [batch, n, d_model] -> logits [batch, n, d_vocab_out],
-        through its hook points (`unembed.hook_in`, `unembed.hook_out`).
-
-        On a CPU the product runs in slices of `UNEMBED_CHUNK` vocabulary rows, and an all-zero `b_U` is not
-        added. One [rows, d_model] x [d_model, 49k] product runs far below the CPU's matmul rate: its weight does
-        not stay in cache; slices of it do. `F.linear` with a bias first copies the bias into every row of the
-        output, a [rows, vocab] write. The logits are those of one product to within float rounding: the
-        slices round like any other batch size.
+        through its hook points (`unembed.hook_in`, `unembed.hook_out`). On a CPU the product runs in
+        `_logit_slices`; elsewhere as one `F.linear`.
         """
         unembed = self.model.unembed
-        x, weight = unembed.hook_in(normed), unembed.W_U.T  # weight [d_vocab_out, d_model]
+        x = unembed.hook_in(normed)
         if x.device.type != "cpu":
-            return unembed.hook_out(F.linear(x, weight.contiguous(), unembed.b_U))
-        logits = torch.cat([F.linear(x, weight[a : a + UNEMBED_CHUNK]) for a in range(0, weight.shape[0], UNEMBED_CHUNK)], dim=-1)
-        if unembed.b_U.any():
-            logits += unembed.b_U
-        return unembed.hook_out(logits)
+            return unembed.hook_out(F.linear(x, unembed.W_U.T.contiguous(), unembed.b_U))
+        return unembed.hook_out(torch.cat([logits for _, logits in self._logit_slices(x, unembed.W_U.shape[1])], dim=-1))
+
+    def _logit_slices(self, x: Tensor, vocab: int) -> Iterator[tuple[int, Tensor]]:
+        """The CPU unembedding of x [batch, n, d_model] over ids < vocab, in slices of `UNEMBED_CHUNK` ids:
+        yields (first id, logits [batch, n, slice]), `b_U` added only where it is non-zero.
+
+        One [rows, d_model] x [d_model, 49k] product runs far below the CPU's matmul rate: its weight does
+        not stay in cache; slices of it do. `F.linear` with a bias first copies the bias into every row of the
+        output, a [rows, vocab] write. The slices round like any other batch size: the logits are those of one
+        product to within float rounding.
+        """
+        unembed = self.model.unembed
+        weight, bias = unembed.W_U.T, unembed.b_U  # weight [d_vocab_out, d_model]
+        has_bias = bool(bias[:vocab].any())
+        for a in range(0, vocab, UNEMBED_CHUNK):
+            b = min(a + UNEMBED_CHUNK, vocab)
+            logits = F.linear(x, weight[a:b])
+            if has_bias:
+                logits += bias[a:b]
+            yield a, logits
 
     def _greedy_ids(self, normed: Tensor) -> Tensor:
         """The greedy next ids [batch, n] (argmax over ids < `decode_vocab`, the first on ties) of final-normed
-        states [batch, n, d_model]: on a CPU, slice by slice with a running maximum, never holding the
+        states [batch, n, d_model]: on a CPU, `_logit_slices` with a running maximum, never holding the
         [rows, vocab] logits (their write and the argmax pass over them cost a quarter of the unembedding
         there). The slices are `_unembed`'s (the last cut at `decode_vocab`), so the ids are the argmax of its
         logits to within float rounding. With a hook on the unembedding (or off the CPU) the logits are made
@@ -397,13 +408,8 @@ class LatentModel:
         unembed, vocab, cap = self.model.unembed, self.decode_vocab, self.cfg.output_logits_soft_cap
         if normed.device.type != "cpu" or unembed.hook_in.has_hooks("fwd") or unembed.hook_out.has_hooks("fwd"):
             return apply_softcap(self._unembed(normed), cap)[..., :vocab].argmax(dim=-1)
-        weight, bias = unembed.W_U.T[:vocab], unembed.b_U[:vocab]
-        has_bias = bool(bias.any())
         best = ids = None
-        for a in range(0, vocab, UNEMBED_CHUNK):
-            logits = F.linear(normed, weight[a : a + UNEMBED_CHUNK])
-            if has_bias:
-                logits += bias[a : a + UNEMBED_CHUNK]
+        for a, logits in self._logit_slices(normed, vocab):
             value, index = apply_softcap(logits, cap).max(dim=-1)
             if best is None:
                 best, ids = value, index

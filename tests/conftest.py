@@ -22,7 +22,9 @@ from tests.factories import (
     tiny_llama32_config,
 )
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist (`-n 2`, as CI runs) each worker process gets one torch thread: two workers with two
+# spinning OpenMP threads each would oversubscribe the two cores.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
 REPO = Path(__file__).resolve().parents[1]
 
