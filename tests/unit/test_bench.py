@@ -23,6 +23,10 @@ def test_bench_runs_and_its_last_line_parses(capsys):
     assert any(line.startswith("vs one-at-a-time: ") for line in lines) and result["peer_max_abs_diff"]["one-at-a-time"] < 1e-4
     assert any(line.startswith("nnsight baseline not run: ") for line in lines)  # a random model has no HF twin
     assert any(line.startswith("memory: peak RSS") for line in lines)
+    [ideal] = [line for line in lines if line.startswith("ideal (matmul")]  # the higher of the two measurements
+    m = re.match(r"ideal \(matmul in float32 here\): ([0-9.]+) GFLOP/s \(the higher of ([0-9.]+) before the runs and ([0-9.]+) after\)", ideal)
+    assert m, ideal
+    assert float(m[1]) == max(float(m[2]), float(m[3])) > 0
 
 
 def test_bench_refuses_bad_arguments():
