@@ -282,46 +282,41 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
 @torch.no_grad()
-def answers_match(llama, prj, questions: list[str], answers: list[int], num_latents: int, latents_override=None, batch: int = 250) -> torch.Tensor:
-    """[n] bool: the greedy answer text after the latents (logits < eot) is exactly `The answer is: N </s>`
-    for answers[i] (teacher-forced argmax = greedy, since every earlier token must match too)."""
+def answers_match(llama, prj, questions: list[str], answers: list[int], num_latents: int, latents_override=None, batch: int = 250) -> tuple[torch.Tensor, torch.Tensor]:
+    """(matched [n] bool, latents [n, num_latents, d_model]): whether the greedy answer text after the latents
+    (logits < eot) is exactly `The answer is: N </s>` for answers[i] (teacher-forced argmax = greedy, since
+    every earlier token must match too), and the latents fed (`latents_override` where given)."""
     from interp.train.modeling import restrict_logits, run_latents
 
-    out = []
+    matched, latents = [], []
     for i in range(0, len(questions), batch):
         p_ids = D.stack([D.prompt_ids(q) for q in questions[i : i + batch]])
         a_ids = D.stack([[EOT_ID] + D.answer_suffix_ids(a) for a in answers[i : i + batch]])
         ov = None if latents_override is None else latents_override[i : i + batch]
         run = run_latents(llama, prj, p_ids, num_latents, latents_override=ov)
         pred = restrict_logits(llama(input_ids=a_ids, **cache_kwargs(llama, run.cache)).logits[:, :-1]).argmax(-1)
-        out.append((pred == a_ids[:, 1:]).all(1))
-    return torch.cat(out)
+        matched.append((pred == a_ids[:, 1:]).all(1))
+        latents.append(run.latents)
+    return torch.cat(matched), torch.cat(latents)
 
 
 @torch.no_grad()
 def measure_batched(llama, prj, num_latents: int = 6, steps: int = 6, n: int = D.TEST_SIZE, n_pairs: int = D.PAIRS_SIZE) -> dict[str, Any]:
     """The card's headline numbers in batches (seconds, not the minutes of `evaluate_model`): accuracy on the
     test problems, with zeroed and with mean latents, and the swap of all latents of A into B on the pairs."""
-    from interp.train.modeling import run_latents
-
     test = D.test_problems(steps, n)
     qs, ans = [p.question for p in test], [p.answer for p in test]
-    lat = torch.cat([run_latents(llama, prj, D.stack([D.prompt_ids(q) for q in qs[i : i + 250]]), num_latents).latents for i in range(0, n, 250)])
-    res = {"n_test": n, "test_seed": D.TEST_SEED, "student_accuracy": answers_match(llama, prj, qs, ans, num_latents).float().mean().item()}
-    res["zeroed_latents_accuracy"] = answers_match(llama, prj, qs, ans, num_latents, torch.zeros_like(lat)).float().mean().item()
-    res["mean_latents_accuracy"] = answers_match(llama, prj, qs, ans, num_latents, lat.mean(0, keepdim=True).expand_as(lat).contiguous()).float().mean().item()
+    right, lat = answers_match(llama, prj, qs, ans, num_latents)
+    res = {"n_test": n, "test_seed": D.TEST_SEED, "student_accuracy": right.float().mean().item()}
+    res["zeroed_latents_accuracy"] = answers_match(llama, prj, qs, ans, num_latents, torch.zeros_like(lat))[0].float().mean().item()
+    res["mean_latents_accuracy"] = answers_match(llama, prj, qs, ans, num_latents, lat.mean(0, keepdim=True).expand_as(lat).contiguous())[0].float().mean().item()
     pairs = D.swap_pairs(steps, n_pairs)
     a_q, b_q = [p.clean_question for p in pairs], [p.corrupted_question for p in pairs]
     a_ans, b_ans = [int(p.clean_answer) for p in pairs], [int(p.corrupted_answer) for p in pairs]
-    a_right = answers_match(llama, prj, a_q, a_ans, num_latents)
-    a_lat = torch.cat([run_latents(llama, prj, D.stack([D.prompt_ids(q) for q in a_q[i : i + 250]]), num_latents).latents for i in range(0, len(a_q), 250)])
-    gives_a = answers_match(llama, prj, b_q, a_ans, num_latents, a_lat)
-    gives_b = answers_match(llama, prj, b_q, b_ans, num_latents, a_lat)
+    a_right, a_lat = answers_match(llama, prj, a_q, a_ans, num_latents)
+    gives_a = answers_match(llama, prj, b_q, a_ans, num_latents, a_lat)[0]
+    gives_b = answers_match(llama, prj, b_q, b_ans, num_latents, a_lat)[0]
     keep = a_right & torch.tensor([x != y for x, y in zip(a_ans, b_ans, strict=True)])
     res["swap"] = {
         "pairs": len(pairs),
@@ -330,3 +325,7 @@ def measure_batched(llama, prj, num_latents: int = 6, steps: int = 6, n: int = D
         "corrupted_answer_rate": gives_b[keep].float().mean().item() if keep.any() else None,
     }
     return res
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
