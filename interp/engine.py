@@ -312,12 +312,15 @@ class EngineOptions:
 
     prefix_reuse: rows start at their first site's column from the pair's cached corrupted prefix (off:
     every row runs from column 0); drafts: the greedy decode checks earlier runs' decodes as drafts (off:
-    one token per pass once a row leaves the teacher-forced columns); dedup: identical jobs run once;
-    parallel_skip: a parallel batch starts at its lowest site's block (off: at block 0).
+    one token per pass once a row leaves the teacher-forced columns); lookup: a row no draft continues
+    guesses its next tokens by n-gram lookup in its own decode and the drafts (`interp.model.lookup_guess`);
+    dedup: identical jobs run once; parallel_skip: a parallel batch starts at its lowest site's block (off:
+    at block 0).
     """
 
     prefix_reuse: bool = True
     drafts: bool = True
+    lookup: bool = True
     dedup: bool = True
     parallel_skip: bool = True
 
@@ -561,7 +564,7 @@ class BatchPatcher:
         for row in rows:  # the unpatched runs' own decodes (the likelier first: parallel runs keep more of the corrupted run), then other runs' of this pair
             runs = (row.pair.corrupted, row.pair.clean) if row.job.strategy == "parallel" else (row.pair.clean, row.pair.corrupted)
             drafts.append([t.generation.answer_ids.tolist() for t in runs] + [list(d) for d in reversed(row.pair.decodes)])
-        answers = self.model.greedy_decode(logits, forced, cache, max_new_tokens=self.max_new_tokens, drafts=drafts if self.options.drafts else None)
+        answers = self.model.greedy_decode(logits, forced, cache, max_new_tokens=self.max_new_tokens, drafts=drafts if self.options.drafts else None, lookup=self.options.lookup)
         for row, ids in zip(rows, answers):
             decoded = tuple(ids.tolist())
             known = decoded in row.pair.decodes or any(decoded == tuple(t.generation.answer_ids[: len(decoded)].tolist()) for t in (row.pair.corrupted, row.pair.clean))

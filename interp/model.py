@@ -51,18 +51,39 @@ UNEMBED_CHUNK = 2048
 ChunkHooks = Callable[[int, int], Sequence[Hook]]
 
 
-def draft_feed(generated: Sequence[int], drafts: Sequence[Sequence[int]], max_new_tokens: int, eos: int) -> list[int]:
+#: n-gram lookup drafts ("prompt lookup decoding") for a row that no given draft continues: the latest earlier
+#: occurrence of its last LOOKUP_NGRAM tokens (then of fewer) proposes the LOOKUP_TOKENS that followed there.
+LOOKUP_NGRAM, LOOKUP_TOKENS = 2, 6
+
+
+def draft_feed(generated: Sequence[int], drafts: Sequence[Sequence[int]], max_new_tokens: int, eos: int, lookup: bool = True) -> list[int]:
     """What one decode pass feeds a row: its last generated token, then the rest of the first draft
-    that starts with everything generated (up to the last token whose successor is still needed,
-    and before any eos); just the last token when no draft agrees."""
+    that starts with everything generated, else (`lookup`) the tokens `lookup_guess` finds; up to the last
+    token whose successor is still needed, and before any eos. Just the last token when neither finds one."""
     n = len(generated)
-    for draft in drafts:
-        if len(draft) > n and list(draft[:n]) == list(generated):
-            rest = list(draft[n : max_new_tokens - 1])
-            rest = rest[: rest.index(eos)] if eos in rest else rest
-            if rest:
-                return [generated[-1], *rest]
+    guesses = [list(d[n:]) for d in drafts if len(d) > n and list(d[:n]) == list(generated)]
+    if lookup:
+        guesses.append(lookup_guess(generated, drafts))
+    for rest in guesses:
+        rest = rest[: max(0, max_new_tokens - 1 - n)]
+        rest = rest[: rest.index(eos)] if eos in rest else rest
+        if rest:
+            return [generated[-1], *rest]
     return [generated[-1]]
+
+
+def lookup_guess(generated: Sequence[int], drafts: Sequence[Sequence[int]]) -> list[int]:
+    """Up to LOOKUP_TOKENS tokens that followed the latest earlier occurrence of the last LOOKUP_NGRAM tokens of
+    `generated` (then of fewer), searched in `generated` itself, then in each draft; [] where none occurs.
+    A guess only: the decode keeps the tokens its greedy ids confirm, so it changes passes, never tokens."""
+    n = len(generated)
+    for g in range(min(LOOKUP_NGRAM, n), 0, -1):
+        tail = list(generated[n - g :])
+        for seq in (list(generated), *(list(d) for d in drafts)):
+            for s in range(len(seq) - g - 1, -1, -1):  # a token follows the occurrence (in generated: not the tail itself)
+                if seq[s : s + g] == tail:
+                    return seq[s + g : s + g + LOOKUP_TOKENS]
+    return []
 
 
 @dataclass
@@ -525,6 +546,7 @@ class LatentModel:
         fwd_hooks: Sequence[Hook] = (),
         offsets: Sequence[int] | None = None,
         drafts: Sequence[Sequence[Sequence[int]]] | None = None,
+        lookup: bool = True,
     ) -> list[Tensor]:
         """Greedy decoding, continuing a teacher-forced chunk already in `kv_cache`.
 
@@ -542,7 +564,8 @@ class LatentModel:
         its first draft that agrees with everything the row has generated, and keeps the draft
         columns its greedy tokens confirm (speculative decoding with given drafts): the tokens are
         those of the one-token-per-pass decode, computed in fewer, wider passes. Without a draft
-        that agrees, a row advances one token per pass.
+        that agrees, `lookup` guesses by n-gram lookup in the row's own decode and the drafts
+        (`lookup_guess`); a row with no guess advances one token per pass.
         """
         b, n = logits.shape[:2]
         eos, device = self.eos_id, self.device
@@ -564,7 +587,7 @@ class LatentModel:
         kv_cache.previous_attention_mask = mask
         row_offsets = [offsets[r] for r in active] if offsets is not None else None
         while active:
-            feeds = [draft_feed(generated[r], drafts[r] if drafts is not None else (), max_new_tokens, eos) for r in active]
+            feeds = [draft_feed(generated[r], drafts[r] if drafts is not None else (), max_new_tokens, eos, lookup) for r in active]
             width = max(len(f) for f in feeds)
             ids = torch.full((len(active), width), eos, dtype=torch.long)
             chunk_mask = torch.zeros((len(active), width), dtype=torch.long)

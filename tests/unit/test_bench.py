@@ -86,6 +86,6 @@ def test_bench_ablation_table(capsys):
     result = bench_main(["--model", "tiny", "--device", "cpu", "--pairs", "1", "--layers", "0,1", "--kinds", "single", "--naive-tests", "2", "--ablation", "--quiet"])
     lines = capsys.readouterr().out.splitlines()
     table = lines[lines.index("| shortcut off | tests/s | fast is faster by | % of ideal | answer logits vs fast |") + 2 :]
-    assert [row.split(" | ")[0] for row in table[:5]] == ["| none (fast)", "| prefix_reuse", "| drafts", "| dedup", "| parallel_skip"]
-    assert set(result["ablation"]) == {"prefix_reuse", "drafts", "dedup", "parallel_skip"}
+    assert [row.split(" | ")[0] for row in table[:6]] == ["| none (fast)", "| prefix_reuse", "| drafts", "| lookup", "| dedup", "| parallel_skip"]
+    assert set(result["ablation"]) == {"prefix_reuse", "drafts", "lookup", "dedup", "parallel_skip"}
     assert all(a["max_abs_diff"] < 1e-4 and a["tests_per_s"] > 0 for a in result["ablation"].values())

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from interp import load_codi
-from interp.model import draft_feed
+from interp.model import LOOKUP_TOKENS, draft_feed
 
 QUESTIONS = ["Tom has 3 apples and buys 5 more.", "7 +5 *3 -2", "A box holds 12 eggs; 4 break."]
 MAX_NEW = 10  # the tiny random model never emits eos: every decode runs to this length
@@ -32,7 +32,7 @@ def reference_ids(ref, model, question: str) -> list[int]:
     return ref.generate(ids, bot=model.bot_id, eot=model.eot_id, eos=model.eos_id, num_latents=model.num_latents, max_new_tokens=MAX_NEW)[1]
 
 
-def decode(model, questions, drafts, monkeypatch) -> tuple[list[list[int]], int]:
+def decode(model, questions, drafts, monkeypatch, lookup: bool = True) -> tuple[list[list[int]], int]:
     """interp's decode of `questions` after their latent loop, with `drafts`; (ids per row, decode passes)."""
     with torch.no_grad():
         latents, cache, offsets = model.run_latents(questions)
@@ -41,7 +41,7 @@ def decode(model, questions, drafts, monkeypatch) -> tuple[list[list[int]], int]
         passes = []
         forward = model.forward
         monkeypatch.setattr(model, "forward", lambda *a, **k: passes.append(1) or forward(*a, **k))
-        ids = model.greedy_decode(out.logits, None, cache, max_new_tokens=MAX_NEW, offsets=offsets, drafts=drafts)
+        ids = model.greedy_decode(out.logits, None, cache, max_new_tokens=MAX_NEW, offsets=offsets, drafts=drafts, lookup=lookup)
         monkeypatch.undo()
     return [x.tolist() for x in ids], len(passes)
 
@@ -49,7 +49,18 @@ def decode(model, questions, drafts, monkeypatch) -> tuple[list[list[int]], int]
 def test_draft_feed_takes_the_first_draft_that_agrees():
     assert draft_feed([5, 6], [[5, 7, 8], [5, 6, 9, 1, 2]], max_new_tokens=5, eos=0) == [6, 9, 1]  # up to the 4th token's input
     assert draft_feed([5, 6], [[5, 6, 9, 0, 2]], max_new_tokens=10, eos=0) == [6, 9]  # nothing from eos on
-    assert draft_feed([5, 6], [[5, 6], [4, 6, 1]], max_new_tokens=10, eos=0) == [6]  # no draft goes further
+    assert draft_feed([5, 6], [[5, 6], [4, 6, 1]], max_new_tokens=10, eos=0, lookup=False) == [6]  # no draft goes further
+
+
+def test_lookup_guesses_what_followed_the_latest_earlier_occurrence_of_the_last_tokens():
+    assert draft_feed([5, 6], [[5, 6], [4, 6, 1]], max_new_tokens=10, eos=0) == [6, 1]  # "6" then 1 in the second draft
+    assert draft_feed([7, 8, 9, 7, 8], [], max_new_tokens=20, eos=0) == [8, 9, 7, 8]  # the row's own loop: "7 8" then 9 7 8
+    # the 2-gram "1 2" (then 5 2 9 1 2) wins over the later 1-gram "2" (then 9 1 2)
+    assert draft_feed([3, 1, 2, 5, 2, 9, 1, 2], [], max_new_tokens=20, eos=0) == [2, 5, 2, 9, 1, 2]
+    assert draft_feed([4, 5, 4], [], max_new_tokens=5, eos=0) == [4, 5]  # capped: 3 generated + 2 more = max_new_tokens
+    assert draft_feed([2, 3], [[9, 3, 7, 0, 8]], max_new_tokens=20, eos=0) == [3, 7]  # nothing from eos on
+    assert draft_feed([2, 3], [[9, 4]], max_new_tokens=20, eos=0) == [3]  # "3" occurs nowhere earlier
+    assert draft_feed([1, 2, 3, 4, 5, 6, 7, 8, 9, 1], [], max_new_tokens=40, eos=0) == [1, *range(2, 2 + LOOKUP_TOKENS)]  # LOOKUP_TOKENS at most
 
 
 def test_drafts_give_the_reference_tokens_in_fewer_passes(setup, monkeypatch):
@@ -67,12 +78,14 @@ def test_drafts_give_the_reference_tokens_in_fewer_passes(setup, monkeypatch):
         "short": ([r[:3]], None),
     }
     for name, (drafts, passes) in cases.items():
-        ids, n = decode(model, QUESTIONS[:1], [drafts], monkeypatch)
+        ids, n = decode(model, QUESTIONS[:1], [drafts], monkeypatch, lookup=False)
         assert ids == want[:1], name
         if passes is not None:
             assert n == passes, name
         else:
             assert 1 < n < MAX_NEW - 1, name
+        ids, n_lookup = decode(model, QUESTIONS[:1], [drafts], monkeypatch)  # lookup guesses: same tokens, no more passes
+        assert ids == want[:1] and n_lookup <= n, name
     ids, n = decode(model, QUESTIONS, [[r], [], [want[2][:5] + [0] * 5]], monkeypatch)  # rows with different drafts in one batch
     assert ids == want
 

@@ -166,7 +166,7 @@ def test_batches_mixing_pairs_of_different_lengths(model):
         BatchPatcher(model, [(pt.corrupted, pt.clean) for pt in traces], capture="hook_resid_post", capture_positions=positions[:1])
 
 
-@pytest.mark.parametrize("off", ["prefix_reuse", "drafts", "dedup", "parallel_skip"])
+@pytest.mark.parametrize("off", ["prefix_reuse", "drafts", "lookup", "dedup", "parallel_skip"])
 def test_each_shortcut_switched_off_gives_the_same_results(model, off, monkeypatch):
     """`EngineOptions`: with any shortcut off, every row of a batch mixing pairs of different lengths, sites
     in the question and duplicate jobs equals the default engine's (every fourth also the reference's); and
@@ -183,11 +183,17 @@ def test_each_shortcut_switched_off_gives_the_same_results(model, off, monkeypat
     calls: list[tuple[int, int]] = []  # (start_layer, columns) of every forward pass
     forward = model.forward
     monkeypatch.setattr(model, "forward", lambda embeds, **kw: calls.append((kw.get("start_layer", 0), embeds.shape[1])) or forward(embeds, **kw))
-    runs = {}
+    import interp.model
+
+    feed, lookups = interp.model.draft_feed, []  # the lookup switch each decode pass's feed is made with
+    monkeypatch.setattr(interp.model, "draft_feed", lambda *a: lookups.append(a[4]) or feed(*a))
+    runs, lookup_args = {}, {}
     for name, options in (("on", None), ("off", EngineOptions(**{off: False}))):
         calls.clear()
+        lookups.clear()
         patcher = BatchPatcher(model, pairs_, capture="hook_resid_post", capture_positions=positions, batch_size=4, max_new_tokens=MAX_NEW, options=options)
         runs[name] = (patcher.run(jobs), patcher.stats["rows"], list(calls))
+        lookup_args[name] = set(lookups)
     for i, (job, result) in enumerate(zip(jobs, runs["off"][0])):  # the default engine's rows are checked against the reference above
         pt = traces[job.pair]
         expected = reference(model, pt.corrupted, pt.clean, job, "hook_resid_post") if i % 4 == 0 else runs["on"][0][i]
@@ -198,6 +204,8 @@ def test_each_shortcut_switched_off_gives_the_same_results(model, off, monkeypat
         assert rows_off == rows_on + 1
     elif off == "parallel_skip":
         assert max(f for f, _ in calls_on) > 0 and max(f for f, _ in calls_off) == 0
+    elif off == "lookup":  # switched off in every decode pass (its effect on passes: tests/unit/test_decode.py)
+        assert lookup_args == {"on": {True}, "off": {False}}
     else:  # prefix_reuse: more columns recomputed; drafts: more, narrower decode passes
         assert columns(calls_off) > columns(calls_on) if off == "prefix_reuse" else len(calls_off) > len(calls_on)
 
