@@ -61,10 +61,13 @@ def draft_feed(generated: Sequence[int], drafts: Sequence[Sequence[int]], max_ne
     that starts with everything generated, else (`lookup`) the tokens `lookup_guess` finds; up to the last
     token whose successor is still needed, and before any eos. Just the last token when neither finds one."""
     n = len(generated)
-    guesses = [list(d[n:]) for d in drafts if len(d) > n and list(d[:n]) == list(generated)]
-    if lookup:
-        guesses.append(lookup_guess(generated, drafts))
-    for rest in guesses:
+
+    def guesses():  # lazily: the first that gives a token is fed
+        yield from (list(d[n:]) for d in drafts if len(d) > n and list(d[:n]) == list(generated))
+        if lookup:
+            yield lookup_guess(generated, drafts)
+
+    for rest in guesses():
         rest = rest[: max(0, max_new_tokens - 1 - n)]
         rest = rest[: rest.index(eos)] if eos in rest else rest
         if rest:
